@@ -1,0 +1,36 @@
+# Copyright 2026 The CoLT5 developers. Licensed under the Apache License, Version 2.0.
+"""CoLT5 (conditionally routed long-range transformers) for Hugging Face transformers.
+
+Importing the package registers the config and models with transformers' Auto classes.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+from .configuration_colt5 import CoLT5Config
+from .modeling_colt5 import CoLT5ForSequenceClassification, CoLT5Model, CoLT5PreTrainedModel
+from .routed_attention import ConditionalRoutedAttention
+from .routed_block import ConditionalRoutedTransformerBlock
+from .routed_feedforward import ConditionalRoutedFeedForward, GatedMLP
+from .router import CoordinateDescentRouter, RouterOutput, route
+from .soft_topk import soft_topk
+
+AutoConfig.register(CoLT5Config.model_type, CoLT5Config, exist_ok=True)
+AutoModel.register(CoLT5Config, CoLT5Model, exist_ok=True)
+AutoModelForSequenceClassification.register(CoLT5Config, CoLT5ForSequenceClassification, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CoLT5Config",
+    "CoLT5Model",
+    "CoLT5ForSequenceClassification",
+    "CoLT5PreTrainedModel",
+    "ConditionalRoutedAttention",
+    "ConditionalRoutedFeedForward",
+    "ConditionalRoutedTransformerBlock",
+    "CoordinateDescentRouter",
+    "GatedMLP",
+    "RouterOutput",
+    "route",
+    "soft_topk",
+]

@@ -1,0 +1,197 @@
+# Copyright 2026 The CoLT5 developers. Licensed under the Apache License, Version 2.0.
+"""CoLT5 model configuration."""
+
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+from .router import validate_amount
+
+# Where each class lives in a saved checkpoint, so every Auto class loads it as remote code.
+COLT5_AUTO_MAP = {
+    "AutoConfig": "configuration_colt5.CoLT5Config",
+    "AutoModel": "modeling_colt5.CoLT5Model",
+    "AutoModelForSequenceClassification": "modeling_colt5.CoLT5ForSequenceClassification",
+}
+
+
+@strict
+class CoLT5Config(PreTrainedConfig):
+    r"""
+    Configuration of a CoLT5 model (Ainslie et al., 2023, "CoLT5: Faster Long-Range Transformers with Conditional
+    Computation"). Defaults are the paper's CoLT5-B encoder: 12 layers of width 768, light MLP 1024 and heavy MLP
+    8192, 4 light and 8 heavy heads of 64, a 255-token local window, 1/16 of tokens routed to the heavy
+    feedforward and as heavy queries, 1/8 as heavy keys/values, soft top-k with eps 1.0 normalised over 9/8 k.
+
+    Routed amounts (`routed_ff_tokens`, `routed_query_tokens`, `routed_kv_tokens`) are an `int` (a fixed number of
+    tokens) or a `float` in (0, 1] (a fraction of each sample's valid length, rounded up).
+
+    Args:
+        vocab_size: vocabulary size.
+        hidden_size: model width.
+        num_hidden_layers: number of CoLT5 blocks.
+        light_num_heads, light_head_dim: light (local) attention heads and head width.
+        heavy_num_heads, heavy_head_dim: heavy (routed) attention heads and head width.
+        light_window_size: every token attends to this many tokens on each side in the light branch.
+        light_intermediate_size, heavy_intermediate_size: light and heavy MLP widths.
+        routed_ff_tokens: tokens routed to the heavy MLP.
+        routed_query_tokens: tokens routed as heavy-attention queries.
+        routed_kv_tokens: tokens routed as heavy-attention keys/values, per routing set.
+        num_kv_routing_sets: key/value routing sets; the heavy heads are split evenly among them.
+        router_eps: entropy weight of the soft top-k (the final eps when a schedule is set).
+        router_iterations: None for the exact fixed point, else the paper's coordinate-descent iterations.
+        router_eps_schedule: `[start, decay]`: iteration t uses `max(start * decay**t, router_eps)`.
+        router_fetch_ratio: the soft top-k normalises over `router_fetch_ratio * k` tokens.
+        router_straight_through: routed outputs are weighted by 1 in the forward pass, lambda's gradient backward.
+        route_block_size: route evenly over blocks of this many tokens (None: over the whole sequence).
+        multiply_keys_by_score: scale routed keys by their router weight (values always are).
+        multiply_queries_by_score: scale routed queries by their router weight (outputs always are).
+        learned_unrouted_query_output: a learned heavy-attention output for queries that were not routed.
+        rope_theta: rotary embedding base (absolute positions in both attention branches).
+        max_position_embeddings: the longest sequence the model is meant for (rotary embeddings themselves have
+            no limit).
+        is_causal: causal routing (reserved for `CoLT5ForCausalLM`; not available in this version).
+        hidden_act: MLP activation (a key of transformers' ACT2FN).
+        hidden_dropout: dropout on each branch's output.
+        attention_dropout: dropout on attention probabilities.
+        rms_norm_eps: RMSNorm epsilon.
+        initializer_range: standard deviation of the normal weight initialisation.
+        tie_word_embeddings: tie input and output embeddings.
+
+    ```python
+    >>> from colt5 import CoLT5Config, CoLT5Model
+    >>> config = CoLT5Config(hidden_size=256, num_hidden_layers=2, light_intermediate_size=128,
+    ...                      heavy_intermediate_size=1024)
+    >>> model = CoLT5Model(config)
+    ```"""
+
+    model_type = "colt5"
+
+    vocab_size: int = 32128
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    light_num_heads: int = 4
+    light_head_dim: int = 64
+    heavy_num_heads: int = 8
+    heavy_head_dim: int = 64
+    light_window_size: int = 127
+    light_intermediate_size: int = 1024
+    heavy_intermediate_size: int = 8192
+    routed_ff_tokens: int | float = 1 / 16
+    routed_query_tokens: int | float = 1 / 16
+    routed_kv_tokens: int | float = 1 / 8
+    num_kv_routing_sets: int = 1
+    router_eps: float = 1.0
+    router_iterations: int | None = None
+    router_eps_schedule: list[float] | None = None
+    router_fetch_ratio: float = 9 / 8
+    router_straight_through: bool = False
+    route_block_size: int | None = None
+    multiply_keys_by_score: bool = True
+    multiply_queries_by_score: bool = False
+    learned_unrouted_query_output: bool = False
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 16384
+    is_causal: bool = False
+    hidden_act: str = "gelu_pytorch_tanh"
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = 1
+
+    def __post_init__(self, **kwargs):
+        self._validate_colt5()
+        super().__post_init__(**kwargs)
+        if getattr(self, "auto_map", None) is None:
+            self.auto_map = dict(COLT5_AUTO_MAP)
+
+    def _validate_colt5(self) -> None:
+        """Raise a ValueError naming the field and its allowed range for every invalid value or combination."""
+        at_least_one = (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "light_num_heads",
+            "light_head_dim",
+            "heavy_num_heads",
+            "heavy_head_dim",
+            "light_window_size",
+            "light_intermediate_size",
+            "heavy_intermediate_size",
+            "num_kv_routing_sets",
+            "max_position_embeddings",
+        )
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("light_head_dim", "heavy_head_dim"):
+            if getattr(self, name) % 2:
+                raise ValueError(f"{name} must be even (rotary embeddings rotate pairs), got {getattr(self, name)}.")
+        if self.heavy_num_heads % self.num_kv_routing_sets:
+            raise ValueError(
+                f"heavy_num_heads ({self.heavy_num_heads}) must be divisible by num_kv_routing_sets "
+                f"({self.num_kv_routing_sets}): the heavy heads are split evenly among the key/value routing sets."
+            )
+        for name in ("routed_ff_tokens", "routed_query_tokens", "routed_kv_tokens"):
+            validate_amount(name, getattr(self, name))
+        if not self.router_eps > 0:
+            raise ValueError(f"router_eps must be > 0, got {self.router_eps}.")
+        if self.router_iterations is not None and self.router_iterations < 1:
+            raise ValueError(
+                f"router_iterations must be None (exact fixed point) or >= 1, got {self.router_iterations}."
+            )
+        if self.router_eps_schedule is not None:
+            if self.router_iterations is None:
+                raise ValueError(
+                    "router_eps_schedule needs router_iterations: the exact router (router_iterations=None) has "
+                    "no iterations to schedule."
+                )
+            if len(self.router_eps_schedule) != 2:
+                raise ValueError(
+                    f"router_eps_schedule must be [start, decay], got {self.router_eps_schedule}."
+                )
+            start, decay = self.router_eps_schedule
+            if not start > 0 or not 0 < decay <= 1:
+                raise ValueError(
+                    f"router_eps_schedule [start, decay] needs start > 0 and decay in (0, 1], got {[start, decay]}."
+                )
+        if not self.router_fetch_ratio >= 1:
+            raise ValueError(f"router_fetch_ratio must be >= 1, got {self.router_fetch_ratio}.")
+        if self.route_block_size is not None and self.route_block_size < 1:
+            raise ValueError(f"route_block_size must be None or >= 1, got {self.route_block_size}.")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}.")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}.")
+        if not self.initializer_range >= 0:
+            raise ValueError(f"initializer_range must be >= 0, got {self.initializer_range}.")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(
+                f"pad_token_id must be None or in [0, vocab_size={self.vocab_size}), got {self.pad_token_id}."
+            )
+        if self.is_causal:
+            raise ValueError(
+                "is_causal=True is not available yet: this version has the encoder (non-causal) routing only; "
+                "use is_causal=False."
+            )
+
+    def router_kwargs(self) -> dict:
+        """Settings shared by every router of the model, as `CoordinateDescentRouter` keyword arguments."""
+        return dict(
+            fetch_ratio=self.router_fetch_ratio,
+            eps=self.router_eps,
+            n_iters=self.router_iterations,
+            eps_schedule=self.router_eps_schedule,
+            straight_through=self.router_straight_through,
+            route_block_size=self.route_block_size,
+        )
+
+
+__all__ = ["CoLT5Config"]

@@ -1,0 +1,39 @@
+# Copyright 2026 The CoLT5 developers. Licensed under the Apache License, Version 2.0.
+"""Rotary position embeddings from absolute token positions.
+
+Routed tokens are gathered out of order, so both attention branches rotate queries and keys by each token's
+absolute position (not its index in a window or in the routed set); the dot product then depends only on the
+distance between the two tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Cos/sin tables for arbitrary position tensors (nothing stored: frequencies are recomputed, which is cheap
+    and keeps the module free of buffers that meta-device loading would have to re-create)."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head dimension, got {head_dim}.")
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(...)` integer positions -> cos, sin of shape `(..., head_dim)` in `dtype` (computed in float32)."""
+        exponents = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float32) / self.head_dim
+        inv_freq = self.theta**-exponents
+        with torch.autocast(device_type=positions.device.type, enabled=False):
+            angles = positions.float().unsqueeze(-1) * inv_freq
+            angles = torch.cat((angles, angles), dim=-1)
+            return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `(..., n, head_dim)` by cos/sin broadcastable to it (rotate-half convention)."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-second, first), dim=-1) * sin

@@ -1,0 +1,168 @@
+# Copyright 2026 The CoLT5 developers. Licensed under the Apache License, Version 2.0.
+"""CoLT5's conditional attention (encoder, non-causal).
+
+    y = A_light(x) + lambda_q * A_heavy(x_q, lambda_kv * x_kv)
+
+Light branch: local attention (every token attends to the `light_window_size` tokens on each side) with few
+heads, from the local-attention package. Heavy branch: full attention from routed queries to routed keys/values
+with more heads; the heavy heads are split evenly among `num_routed_kv` key/value routing sets.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from local_attention import LocalAttention
+from torch import nn
+
+from .rotary import RotaryEmbedding, apply_rotary
+from .router import CoordinateDescentRouter, gather_tokens, scatter_tokens
+
+
+class ConditionalRoutedAttention(nn.Module):
+    """Routed attention layer (CoLT5 section 3.2).
+
+    Args:
+        dim: model width.
+        num_heavy_tokens_q: routed queries, int count or float fraction of each sample's valid length.
+        num_heavy_tokens_kv: routed keys/values per routing set, same convention.
+        light_heads, light_dim_head: light branch heads and head width.
+        light_window_size: each token attends to this many tokens on each side in the light branch.
+        heavy_heads, heavy_dim_head: heavy branch heads and head width.
+        num_routed_kv: key/value routing sets; heavy heads are split evenly among them.
+        multiply_keys_by_score: scale routed keys by their router weight too (values always are): with it the
+            heavy branch sees `lambda_kv * x_kv` exactly as in the paper.
+        multiply_queries_by_score: also scale routed queries by their weight (the output always is).
+        learned_unrouted_output: add a learned vector to the heavy output of queries that were not routed.
+        rotary_theta: base of the rotary embeddings (absolute positions, both branches).
+        dropout: attention-probability dropout in both branches.
+        router_kwargs: settings of the `CoordinateDescentRouter`s.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heavy_tokens_q: int | float,
+        num_heavy_tokens_kv: int | float,
+        light_heads: int = 4,
+        light_dim_head: int = 64,
+        light_window_size: int = 127,
+        heavy_heads: int = 8,
+        heavy_dim_head: int = 64,
+        num_routed_kv: int = 1,
+        multiply_keys_by_score: bool = True,
+        multiply_queries_by_score: bool = False,
+        learned_unrouted_output: bool = False,
+        rotary_theta: float = 10000.0,
+        dropout: float = 0.0,
+        router_kwargs: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if heavy_heads % num_routed_kv:
+            raise ValueError(
+                f"heavy_heads ({heavy_heads}) must be divisible by num_routed_kv ({num_routed_kv}): "
+                "the heavy heads are split evenly among the key/value routing sets."
+            )
+        self.num_heavy_tokens_q = num_heavy_tokens_q
+        self.num_heavy_tokens_kv = num_heavy_tokens_kv
+        self.light_heads, self.heavy_heads, self.num_routed_kv = light_heads, heavy_heads, num_routed_kv
+        self.multiply_keys_by_score = multiply_keys_by_score
+        self.multiply_queries_by_score = multiply_queries_by_score
+        self.dropout = dropout
+
+        light_inner, heavy_inner = light_heads * light_dim_head, heavy_heads * heavy_dim_head
+        self.light_q_proj = nn.Linear(dim, light_inner, bias=False)
+        self.light_k_proj = nn.Linear(dim, light_inner, bias=False)
+        self.light_v_proj = nn.Linear(dim, light_inner, bias=False)
+        self.light_o_proj = nn.Linear(light_inner, dim, bias=False)
+        self.light_rotary = RotaryEmbedding(light_dim_head, rotary_theta)
+        self.local_attention = LocalAttention(
+            window_size=light_window_size,
+            causal=False,
+            look_backward=1,
+            look_forward=1,
+            exact_windowsize=True,
+            autopad=True,
+            dropout=dropout,
+            use_rotary_pos_emb=False,
+        )
+
+        self.heavy_q_proj = nn.Linear(dim, heavy_inner, bias=False)
+        self.heavy_k_proj = nn.Linear(dim, heavy_inner, bias=False)
+        self.heavy_v_proj = nn.Linear(dim, heavy_inner, bias=False)
+        self.heavy_o_proj = nn.Linear(heavy_inner, dim, bias=False)
+        self.heavy_rotary = RotaryEmbedding(heavy_dim_head, rotary_theta)
+        self.q_router = CoordinateDescentRouter(dim, 1, **(router_kwargs or {}))
+        self.kv_router = CoordinateDescentRouter(dim, num_routed_kv, **(router_kwargs or {}))
+        self.unrouted_output = nn.Parameter(torch.zeros(dim)) if learned_unrouted_output else None
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`x` `(batch, n, dim)`, `mask` `(batch, n)` bool (False = padding), `position_ids` `(batch, n)`
+        (default 0..n-1) -> `(batch, n, dim)`."""
+        batch, length, _ = x.shape
+        if position_ids is None:
+            position_ids = torch.arange(length, device=x.device).expand(batch, length)
+        return self._light(x, mask, position_ids) + self._heavy(x, mask, position_ids)
+
+    def _light(self, x: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor) -> torch.Tensor:
+        q, k, v = (
+            rearrange(proj(x), "b n (h e) -> b h n e", h=self.light_heads)
+            for proj in (self.light_q_proj, self.light_k_proj, self.light_v_proj)
+        )
+        cos, sin = self.light_rotary(position_ids.unsqueeze(1), q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # Always pass a mask: without one, local-attention lets queries attend to the zero keys it pads the
+        # sequence with up to a multiple of the window.
+        if mask is None:
+            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        out = self.local_attention(q, k, v, mask=mask.bool())
+        return self.light_o_proj(rearrange(out, "b h n e -> b n (h e)"))
+
+    def _project_routed_kv(self, tokens: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        """`(batch, sets, k, dim)` tokens -> `(batch, heavy_heads, k, head_dim)`: each set only through its heads."""
+        weight = proj.weight.view(self.num_routed_kv, -1, proj.in_features)
+        out = torch.einsum("bsnd,sed->bsne", tokens, weight.to(tokens.dtype))
+        return rearrange(out, "b s n (h e) -> b (s h) n e", h=self.heavy_heads // self.num_routed_kv)
+
+    def _heavy(self, x: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        heads_per_set = self.heavy_heads // self.num_routed_kv
+        routed_q = self.q_router(x, self.num_heavy_tokens_q, mask)
+        routed_kv = self.kv_router(x, self.num_heavy_tokens_kv, mask)
+        q_indices, q_weights = routed_q.indices[:, 0], routed_q.weights[:, 0].to(x.dtype)
+        kv_weights = routed_kv.weights.to(x.dtype).repeat_interleave(heads_per_set, dim=1).unsqueeze(-1)
+
+        q = rearrange(self.heavy_q_proj(gather_tokens(x, routed_q.indices)[:, 0]), "b n (h e) -> b h n e", h=self.heavy_heads)
+        kv_tokens = gather_tokens(x, routed_kv.indices)
+        k = self._project_routed_kv(kv_tokens, self.heavy_k_proj)
+        v = self._project_routed_kv(kv_tokens, self.heavy_v_proj) * kv_weights
+        if self.multiply_keys_by_score:
+            k = k * kv_weights
+        if self.multiply_queries_by_score:
+            q = q * q_weights[:, None, :, None]
+
+        cos_q, sin_q = self.heavy_rotary(position_ids.gather(1, q_indices).unsqueeze(1), q.dtype)
+        kv_positions = position_ids.gather(1, routed_kv.indices.flatten(1)).view_as(routed_kv.indices)
+        cos_k, sin_k = self.heavy_rotary(kv_positions.repeat_interleave(heads_per_set, dim=1), k.dtype)
+        q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos_k, sin_k)
+
+        # A sample with no valid key (fully padded) attends to its empty slots instead of producing NaN; its
+        # queries are empty slots too, so nothing of it reaches the output.
+        kv_mask = routed_kv.mask | ~routed_kv.mask.any(-1, keepdim=True)
+        kv_mask = kv_mask.repeat_interleave(heads_per_set, dim=1).unsqueeze(2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=kv_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        out = self.heavy_o_proj(rearrange(out, "b h n e -> b n (h e)")) * q_weights.unsqueeze(-1)
+        heavy = scatter_tokens(out, q_indices, length)
+        if self.unrouted_output is not None:
+            routed = torch.zeros(batch, length, dtype=torch.bool, device=x.device)
+            routed = routed.scatter(1, q_indices, routed_q.mask[:, 0])
+            heavy = heavy + (~routed).unsqueeze(-1) * self.unrouted_output.to(x.dtype)
+        return heavy

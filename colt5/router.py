@@ -1,0 +1,226 @@
+# Copyright 2026 The CoLT5 developers. Licensed under the Apache License, Version 2.0.
+"""The CoLT5 router: scores tokens with learned vectors, normalises them with the soft top-k and selects the
+top-k tokens of each routing set.
+
+Selection needs no iterations: the k largest lambdas are the k largest raw scores (router.md, fact 1), so the
+selected tokens are a plain top-k of the scores and only their weights come from the soft top-k.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .soft_topk import soft_topk
+
+
+class RouterOutput(NamedTuple):
+    """Tokens chosen by a router, sorted by position within each row; invalid slots sort last.
+
+    indices: `(batch, sets, k)` long, positions in the sequence (0 for invalid slots).
+    weights: `(batch, sets, k)` the soft top-k weight of each chosen token (0 for invalid slots).
+    mask: `(batch, sets, k)` bool, False for slots left empty (fewer valid tokens than k).
+    """
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    mask: torch.Tensor
+
+
+def validate_amount(name: str, amount: int | float) -> None:
+    """Raise a ValueError unless `amount` is a count (int >= 1) or a fraction (float in (0, 1])."""
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise ValueError(f"{name} must be an int (a number of tokens) or a float (a fraction), got {amount!r}.")
+    if isinstance(amount, int) and amount < 1:
+        raise ValueError(f"{name} as a number of tokens must be >= 1, got {amount}.")
+    if isinstance(amount, float) and not 0.0 < amount <= 1.0:
+        raise ValueError(
+            f"{name} as a fraction of the sequence must be in (0, 1], got {amount}; "
+            "pass an int for a fixed number of tokens."
+        )
+
+
+def routed_amount(amount: int | float, length: int | torch.Tensor) -> int | torch.Tensor:
+    """Number of tokens to route for a sequence (or per sample) of `length` valid tokens.
+
+    An int is a fixed count (capped at the length); a float is a fraction of the length, rounded up.
+    Monotone in `length`, so the amount for the padded length bounds every sample's amount.
+    """
+    if isinstance(amount, float):
+        # The small margin keeps products like 0.1 * 30 = 3.0000000000000004 from rounding up to 4.
+        if isinstance(length, torch.Tensor):
+            return torch.ceil(length.double() * amount - 1e-9).long()
+        return math.ceil(length * amount - 1e-9)
+    if isinstance(length, torch.Tensor):
+        return length.clamp(max=amount)
+    return min(amount, length)
+
+
+def _select(
+    scores: torch.Tensor, valid: torch.Tensor, num_tokens: torch.Tensor, max_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`num_tokens` positions of each row (`(rows, max_tokens)` indices and slot mask), by raw score."""
+    masked = scores.masked_fill(~valid, -math.inf)
+    indices = masked.topk(max_tokens, dim=-1).indices
+    slot_mask = torch.arange(max_tokens, device=scores.device) < num_tokens.unsqueeze(-1)
+    return indices, slot_mask
+
+
+def _sort_by_position(
+    indices: torch.Tensor, slot_mask: torch.Tensor, length: int, keep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort the slots of each row by position with empty slots last, and keep the first `keep`."""
+    order = torch.where(slot_mask, indices, indices + length).argsort(dim=-1)[..., :keep]
+    return indices.gather(-1, order), slot_mask.gather(-1, order)
+
+
+def _share_among_blocks(num_tokens: torch.Tensor, capacity: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Split each row's amount as evenly as the blocks' valid tokens allow.
+
+    Args:
+        num_tokens: `(...)` amount per row, at most `capacity.sum(-1)`.
+        capacity: `(..., blocks)` valid tokens per block.
+        block_size: the largest possible capacity.
+
+    Returns:
+        `(..., blocks)` tokens per block, summing to `num_tokens`: every block gets `min(capacity, level)` for
+        the lowest level that covers the amount, and the first blocks that can take one more share the rest.
+    """
+    levels = torch.arange(block_size + 1, device=capacity.device)
+    covered = torch.minimum(capacity.unsqueeze(-2), levels.unsqueeze(-1)).sum(-1)  # (..., levels)
+    level = (covered < num_tokens.unsqueeze(-1)).sum(-1, keepdim=True)  # lowest level covering the amount
+    below = (level - 1).clamp_min(0)
+    base = torch.minimum(capacity, below)
+    rest = num_tokens.unsqueeze(-1) - base.sum(-1, keepdim=True)
+    can_take_one_more = (capacity > below) & (level > 0)
+    return base + (can_take_one_more & (can_take_one_more.cumsum(-1) <= rest))
+
+
+def route(
+    scores: torch.Tensor,
+    amount: int | float,
+    mask: torch.Tensor | None = None,
+    *,
+    fetch_ratio: float = 9 / 8,
+    eps: float = 1.0,
+    n_iters: int | None = None,
+    eps_schedule: Sequence[float] | None = None,
+    straight_through: bool = False,
+    route_block_size: int | None = None,
+) -> RouterOutput:
+    """Choose tokens from router scores.
+
+    Args:
+        scores: `(batch, sets, n)` router scores.
+        amount: tokens to route per set, an int count or a float fraction of each sample's valid length.
+        mask: `(batch, n)` bool, False for padding; padding is never routed while valid tokens remain.
+        fetch_ratio: the soft top-k normalises over `fetch_ratio * k` tokens (the paper's 9/8).
+        eps, n_iters, eps_schedule: soft top-k settings (see `soft_topk`).
+        straight_through: weights are 1 in the forward pass and carry lambda's gradient in the backward pass.
+        route_block_size: route evenly over blocks of this many tokens: each block gets an equal share of the
+            amount (the first `amount % blocks` blocks one more; blocks with too few valid tokens pass the rest
+            on to the others), so routed tokens spread over the sequence.
+
+    Returns:
+        RouterOutput with `(batch, sets, k)` tensors, k = the amount for the padded length `n`.
+    """
+    batch, sets, length = scores.shape
+    valid = torch.ones(batch, length, dtype=torch.bool, device=scores.device) if mask is None else mask.bool()
+    valid = valid.unsqueeze(1).expand(batch, sets, length)
+    max_tokens = routed_amount(amount, length)
+    num_tokens = routed_amount(amount, valid.sum(-1))  # (batch, sets), per sample from its own valid length
+
+    # One layout for both cases: (batch, sets, blocks, block_size), a single block when not block routing.
+    if route_block_size is None or route_block_size >= length:
+        blocks, block_size = 1, length
+    else:
+        blocks, block_size = math.ceil(length / route_block_size), route_block_size
+    pad = blocks * block_size - length
+    block_scores = nn.functional.pad(scores, (0, pad)).view(batch, sets, blocks, block_size)
+    block_valid = nn.functional.pad(valid, (0, pad), value=False).view(batch, sets, blocks, block_size)
+    if blocks == 1:
+        block_tokens = num_tokens.unsqueeze(-1)  # already capped at the valid length
+    else:
+        block_tokens = _share_among_blocks(num_tokens, block_valid.sum(-1), block_size)
+
+    lambdas = soft_topk(
+        block_scores,
+        fetch_ratio * block_tokens.to(torch.float64),
+        block_valid,
+        eps=eps,
+        n_iters=n_iters,
+        eps_schedule=eps_schedule,
+    )
+
+    per_block = min(block_size, math.ceil(max_tokens / blocks))
+    indices, slot_mask = _select(block_scores, block_valid, block_tokens, per_block)
+    indices = indices + torch.arange(blocks, device=scores.device).unsqueeze(-1) * block_size
+    indices, slot_mask = _sort_by_position(
+        indices.view(batch, sets, -1), slot_mask.view(batch, sets, -1), blocks * block_size, max_tokens
+    )
+    weights = lambdas.reshape(batch, sets, blocks * block_size).gather(-1, indices)
+    if straight_through:
+        weights = weights - weights.detach() + 1.0
+    weights = weights * slot_mask
+    indices = indices.masked_fill(~slot_mask, 0)
+    return RouterOutput(indices, weights, slot_mask)
+
+
+class CoordinateDescentRouter(nn.Module):
+    """Scores tokens with `num_sets` learned vectors and routes each set's top tokens (CoLT5 section 3.1).
+
+    Scores are computed in float32 (float64 inputs stay float64), also under autocast, since the soft top-k
+    needs the precision.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_sets: int = 1,
+        *,
+        fetch_ratio: float = 9 / 8,
+        eps: float = 1.0,
+        n_iters: int | None = None,
+        eps_schedule: Sequence[float] | None = None,
+        straight_through: bool = False,
+        route_block_size: int | None = None,
+    ):
+        super().__init__()
+        if fetch_ratio < 1:
+            raise ValueError(f"fetch_ratio must be >= 1, got {fetch_ratio}.")
+        self.routing_vectors = nn.Parameter(torch.randn(num_sets, dim) * dim**-0.5)
+        self.route_kwargs = dict(
+            fetch_ratio=fetch_ratio,
+            eps=eps,
+            n_iters=n_iters,
+            eps_schedule=tuple(eps_schedule) if eps_schedule is not None else None,
+            straight_through=straight_through,
+            route_block_size=route_block_size,
+        )
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """`(batch, n, dim)` tokens -> `(batch, sets, n)` scores."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return torch.einsum("bnd,sd->bsn", x.to(dtype), self.routing_vectors.to(dtype))
+
+    def forward(self, x: torch.Tensor, amount: int | float, mask: torch.Tensor | None = None) -> RouterOutput:
+        """Route `amount` tokens (int count or float fraction) of `x` `(batch, n, dim)`; mask `(batch, n)`."""
+        return route(self.scores(x), amount, mask, **self.route_kwargs)
+
+
+def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """`(batch, n, dim)` tokens at `(batch, sets, k)` indices -> `(batch, sets, k, dim)`."""
+    batch, sets, k = indices.shape
+    flat = indices.reshape(batch, sets * k, 1).expand(-1, -1, x.shape[-1])
+    return x.gather(1, flat).view(batch, sets, k, x.shape[-1])
+
+
+def scatter_tokens(values: torch.Tensor, indices: torch.Tensor, length: int) -> torch.Tensor:
+    """Add `(batch, k, dim)` values into a zero `(batch, length, dim)` tensor at `(batch, k)` indices."""
+    out = values.new_zeros(values.shape[0], length, values.shape[-1])
+    return out.scatter_add(1, indices.unsqueeze(-1).expand_as(values), values)

@@ -1,0 +1,184 @@
+# Copyright 2026 The CoLT5 developers. Licensed under the Apache License, Version 2.0.
+"""Entropic soft top-k (the CoLT5 router's normalisation), plain PyTorch.
+
+For scores `s` of a row and an amount `k`, the soft top-k is
+
+    lambda = argmax_{0 <= lambda_j <= 1, sum_j lambda_j = k}  <s, lambda> + eps * H(lambda)
+
+and has the form `lambda_j = exp(min(s_j + a, 0) / eps)` with one scalar `a` per row (see
+shared/design/router.md). Two modes:
+
+- exact: `a` is the fixed point, found in closed form from one top-k, one log-sum-exp and one scan over k
+  values; the gradient comes from implicit differentiation (one elementwise pass, one reduction).
+- iterative: the paper's coordinate descent for a fixed number of iterations, optionally with a decaying eps.
+  It reduces to a scalar recursion on `a`, so the backward pass replays that recursion: O(iterations * n) time,
+  O(n + iterations) memory, no unrolled graph.
+
+All arithmetic is done in float32 (float64 inputs stay float64). Rows are the leading dimensions of `scores`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _saturated_rows(k: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Rows whose amount covers every valid token (or that have none): every valid token gets lambda = 1."""
+    return k >= valid.sum(-1)
+
+
+def exact_shift(z: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Fixed-point shift `alpha` (in units of eps) with `sum_j exp(min(z_j + alpha, 0)) = k`.
+
+    Args:
+        z: `(rows, n)` scores divided by eps, any value where `valid` is False.
+        k: `(rows,)` amounts, `0 < k < number of valid tokens` for the rows that matter.
+        valid: `(rows, n)` bool.
+
+    Returns:
+        `(rows,)` alpha. Rows with `k >= valid count` get an arbitrary finite value (callers treat them apart).
+    """
+    rows, n = z.shape
+    z = z.masked_fill(~valid, -math.inf)
+    # m saturated entries (lambda = 1) are possible only for m < k, so the top ceil(k) scores are all we sort.
+    num_candidates = max(1, min(n, math.ceil(k.max().item())))
+    top_z, top_idx = z.topk(num_candidates, dim=-1)
+    in_top = torch.zeros_like(valid).scatter_(-1, top_idx, True)
+    rest = torch.logsumexp(z.masked_fill(in_top, -math.inf), dim=-1, keepdim=True)
+    # tail[m] = log sum_{i >= m} exp(z_(i)), summed without subtraction so saturated rows keep their precision.
+    tail = torch.logaddexp(torch.logcumsumexp(top_z.flip(-1), dim=-1).flip(-1), rest)
+    m = torch.arange(num_candidates, device=z.device, dtype=z.dtype)
+    remaining = k.unsqueeze(-1) - m
+    possible = remaining > 0
+    alpha_m = torch.log(remaining.clamp_min(torch.finfo(z.dtype).tiny)) - tail
+    # The fixed point has m saturated entries for the first m whose own entry does not saturate (water filling).
+    consistent = possible & (top_z + alpha_m < 0)
+    consistent[:, -1] |= ~consistent.any(-1)  # rounding at exact ties: fall back to the last candidate
+    first = consistent.int().argmax(-1, keepdim=True)
+    return alpha_m.gather(-1, first).squeeze(-1)
+
+
+class _ExactSoftTopk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
+        z = scores / eps
+        saturated = _saturated_rows(k, valid)
+        alpha = exact_shift(z, torch.where(saturated, torch.zeros_like(k), k), valid)
+        shifted = (z + alpha.unsqueeze(-1)).masked_fill(~valid, -math.inf)
+        lambdas = torch.exp(shifted.clamp_max(0.0))
+        lambdas = torch.where(saturated.unsqueeze(-1), valid.to(lambdas.dtype), lambdas)
+        unsaturated = valid & (shifted < 0) & ~saturated.unsqueeze(-1)
+        ctx.save_for_backward(lambdas, unsaturated)
+        ctx.eps = eps
+        return lambdas
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_lambdas: torch.Tensor):
+        lambdas, unsaturated = ctx.saved_tensors
+        weight = torch.where(unsaturated, lambdas / ctx.eps, torch.zeros_like(lambdas))
+        total = weight.sum(-1, keepdim=True)
+        mean_grad = (weight * grad_lambdas).sum(-1, keepdim=True) / total.clamp_min(torch.finfo(total.dtype).tiny)
+        return weight * (grad_lambdas - mean_grad), None, None, None
+
+
+class _IterativeSoftTopk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, eps_steps: tuple[float, ...]):
+        saturated = _saturated_rows(k, valid)
+        log_k = torch.log(torch.where(saturated, torch.ones_like(k), k))
+        count = valid.sum(-1).clamp_min(1).to(scores.dtype)
+        # First step: b = -s makes every s_j + b_j zero, so the log-sum-exp is log(count).
+        shifts = [eps_steps[0] * (log_k - torch.log(count))]
+        for eps in eps_steps[1:]:
+            capped = torch.minimum(scores, -shifts[-1].unsqueeze(-1)).masked_fill(~valid, -math.inf)
+            shifts.append(eps * (log_k - torch.logsumexp(capped / eps, dim=-1)))
+        final_eps = eps_steps[-1]
+        shifted = (scores + shifts[-1].unsqueeze(-1)).masked_fill(~valid, -math.inf)
+        lambdas = torch.exp(shifted.clamp_max(0.0) / final_eps)
+        lambdas = torch.where(saturated.unsqueeze(-1), valid.to(lambdas.dtype), lambdas)
+        unsaturated = valid & (shifted < 0) & ~saturated.unsqueeze(-1)
+        ctx.save_for_backward(scores, valid, lambdas, unsaturated, torch.stack(shifts, dim=-1))
+        ctx.eps_steps = eps_steps
+        return lambdas
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_lambdas: torch.Tensor):
+        scores, valid, lambdas, unsaturated, shifts = ctx.saved_tensors
+        eps_steps = ctx.eps_steps
+        weight = torch.where(unsaturated, lambdas / eps_steps[-1], torch.zeros_like(lambdas))
+        grad_scores = weight * grad_lambdas
+        grad_shift = grad_scores.sum(-1)
+        # Replay a_{t+1} = eps_t * (log k - LSE_j(min(s_j, -a_t) / eps_t)) backwards; a_1 does not depend on s.
+        for step in range(len(eps_steps) - 1, 0, -1):
+            eps = eps_steps[step]
+            previous = shifts[..., step - 1].unsqueeze(-1)
+            below = valid & (scores < -previous)
+            capped = torch.minimum(scores, -previous).masked_fill(~valid, -math.inf)
+            probs = torch.softmax(capped / eps, dim=-1).masked_fill(~valid, 0.0)  # fully masked rows: 0, not NaN
+            grad_scores = grad_scores - grad_shift.unsqueeze(-1) * probs * below
+            grad_shift = grad_shift * (probs * (valid & ~below)).sum(-1)
+        return grad_scores, None, None, None
+
+
+def eps_steps_for(n_iters: int, eps: float, eps_schedule: Sequence[float] | None = None) -> tuple[float, ...]:
+    """The eps of each coordinate-descent iteration.
+
+    Without a schedule every step uses `eps`; with `eps_schedule = (start, decay)` step t uses
+    `max(start * decay**t, eps)`, i.e. eps-scaling that starts large and is floored at `eps`.
+    """
+    if eps_schedule is None:
+        return (float(eps),) * n_iters
+    start, decay = eps_schedule
+    return tuple(max(start * decay**step, eps) for step in range(n_iters))
+
+
+def soft_topk(
+    scores: torch.Tensor,
+    k: torch.Tensor | float,
+    valid: torch.Tensor | None = None,
+    eps: float = 1.0,
+    n_iters: int | None = None,
+    eps_schedule: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Soft top-k weights of each row of `scores`.
+
+    Args:
+        scores: `(..., n)` router scores, any float dtype (computed in float32, float64 stays float64).
+        k: amount per row, a number or a tensor of shape `(...)`; rows with `k >=` their valid count get
+            lambda = 1 on every valid token (and zero gradient).
+        valid: `(..., n)` bool, False for tokens that take no part (they get lambda = 0); None = all valid.
+        eps: entropy weight (the final eps when a schedule is given).
+        n_iters: None for the exact fixed point, else the number of coordinate-descent iterations.
+        eps_schedule: `(start, decay)` for eps-scaling over the iterations (iterative mode only).
+
+    Returns:
+        `(..., n)` lambdas in [0, 1] summing to `min(k, valid count)` per row (exactly in exact mode), in the
+        compute dtype. Fully masked rows give zeros.
+    """
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}.")
+    if n_iters is None and eps_schedule is not None:
+        raise ValueError("eps_schedule needs n_iters: the exact mode has no iterations to schedule.")
+    if n_iters is not None and n_iters < 1:
+        raise ValueError(f"n_iters must be None (exact) or >= 1, got {n_iters}.")
+    dtype = _compute_dtype(scores.dtype)
+    *batch_shape, n = scores.shape
+    rows = scores.reshape(-1, n).to(dtype)
+    valid_rows = (
+        torch.ones_like(rows, dtype=torch.bool) if valid is None else valid.expand_as(scores).reshape(-1, n)
+    )
+    k_rows = torch.as_tensor(k, dtype=dtype, device=scores.device).expand(batch_shape).reshape(-1)
+    if n_iters is None:
+        lambdas = _ExactSoftTopk.apply(rows, k_rows, valid_rows, float(eps))
+    else:
+        lambdas = _IterativeSoftTopk.apply(rows, k_rows, valid_rows, eps_steps_for(n_iters, eps, eps_schedule))
+    return lambdas.reshape(*batch_shape, n)
