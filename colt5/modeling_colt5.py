@@ -121,9 +121,15 @@ class CoLT5Model(CoLT5PreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         mask = attention_mask.bool() if attention_mask is not None else None
+        batch, length = inputs_embeds.shape[:2]
         if position_ids is None:
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
-            position_ids = position_ids.expand(inputs_embeds.shape[0], -1)
+            position_ids = torch.arange(length, device=inputs_embeds.device)
+        if position_ids.shape not in ((length,), (1, length), (batch, length)):
+            raise ValueError(
+                f"position_ids must have shape (sequence,), (1, sequence) or (batch, sequence) = {(batch, length)}, "
+                f"got {tuple(position_ids.shape)}."
+            )
+        position_ids = position_ids.expand(batch, length)
 
         hidden_states = inputs_embeds
         for layer in self.layers:

@@ -162,7 +162,8 @@ class ConditionalRoutedAttention(nn.Module):
         out = self.heavy_o_proj(rearrange(out, "b h n e -> b n (h e)")) * q_weights.unsqueeze(-1)
         heavy = scatter_tokens(out, q_indices, length)
         if self.unrouted_output is not None:
-            routed = torch.zeros(batch, length, dtype=torch.bool, device=x.device)
-            routed = routed.scatter(1, q_indices, routed_q.mask[:, 0])
+            # Accumulate: empty slots also point at position 0, and a plain scatter would let them overwrite it.
+            hits = torch.zeros(batch, length, dtype=torch.long, device=x.device)
+            routed = hits.scatter_add(1, q_indices, routed_q.mask[:, 0].long()) > 0
             heavy = heavy + (~routed).unsqueeze(-1) * self.unrouted_output.to(x.dtype)
         return heavy

@@ -156,7 +156,8 @@ def route(
         eps_schedule=eps_schedule,
     )
 
-    per_block = min(block_size, math.ceil(max_tokens / blocks))
+    # A block can take more than an even share when others are short of valid tokens: size for the worst case.
+    per_block = min(block_size, max_tokens)
     indices, slot_mask = _select(block_scores, block_valid, block_tokens, per_block)
     indices = indices + torch.arange(blocks, device=scores.device).unsqueeze(-1) * block_size
     indices, slot_mask = _sort_by_position(

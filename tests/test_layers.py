@@ -61,6 +61,34 @@ def length_mask(lengths, n):
 
 
 @pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("n", [1, 2, 9])
+def test_output_shape_of_short_sequences(kind, n):
+    layer = make_layer(kind).eval()
+    out = run(layer, torch.randn(2, n, DIM), length_mask([n, 1], n))
+    assert out.shape == (2, n, DIM)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_counts_beyond_the_length_route_every_token(kind):
+    """An int amount is capped at the (valid) length, so a huge count routes everything, like the fraction 1.0."""
+    if kind == "ff":
+        everything, huge = dict(num_heavy_tokens=1.0), dict(num_heavy_tokens=10**6)
+    else:
+        everything = dict(num_heavy_tokens_q=1.0, num_heavy_tokens_kv=1.0, num_heavy_ff_tokens=1.0)
+        huge = dict(num_heavy_tokens_q=10**6, num_heavy_tokens_kv=10**6, num_heavy_ff_tokens=10**6)
+        if kind == "attn":
+            del everything["num_heavy_ff_tokens"], huge["num_heavy_ff_tokens"]
+    layer_fraction = make_layer(kind, **everything).eval()
+    layer_count = make_layer(kind, **huge).eval()
+    layer_count.load_state_dict(layer_fraction.state_dict())
+    x = torch.randn(2, 30, DIM)
+    mask = length_mask([30, 12], 30)
+    with torch.no_grad():
+        assert torch.equal(run(layer_count, x, mask), run(layer_fraction, x, mask))
+
+
+@pytest.mark.parametrize("kind", LAYERS)
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_output_shape(kind, with_mask):
     layer = make_layer(kind).eval()
@@ -121,6 +149,8 @@ PADDING_CASES = [
                    multiply_queries_by_score=False)),
     ("block", dict(num_routed_kv=2, learned_unrouted_output=True, multiply_keys_by_score=True,
                    multiply_queries_by_score=True)),
+    ("attn", dict(num_routed_kv=2, router_kwargs=dict(route_block_size=16))),
+    ("block", dict(router_kwargs=dict(n_iters=5, eps_schedule=(4.0, 0.5), straight_through=True))),
 ]
 
 
@@ -152,6 +182,9 @@ BATCH_CASES = [
     ("attn", dict(num_heavy_tokens_q=9, num_heavy_tokens_kv=20, multiply_keys_by_score=False)),
     ("block", {}),
     ("block", dict(num_routed_kv=2)),
+    ("ff", dict(router_kwargs=dict(route_block_size=16))),
+    ("attn", dict(num_routed_kv=2, router_kwargs=dict(route_block_size=16))),
+    ("block", dict(router_kwargs=dict(n_iters=5, eps_schedule=(4.0, 0.5), straight_through=True))),
 ]
 
 

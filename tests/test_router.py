@@ -171,3 +171,15 @@ def test_gather_and_scatter_are_inverse_on_routed_positions():
     assert torch.equal(gathered[1, 0, 2], x[1, 11])
     scattered = scatter_tokens(gathered[:, 0], indices[:, 0], 12)
     assert torch.equal(scattered[0, 5], x[0, 5]) and (scattered[0, 6] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "length,amount,valid_length,expected",
+    [(70, 0.5, 70, 35), (17, 1.0, 17, 17), (100, 1.0, 17, 17), (100, 40, 33, 33)],
+)
+def test_block_routing_routes_the_whole_amount_when_blocks_are_short(length, amount, valid_length, expected):
+    scores = random_scores(batch=1, sets=1, n=length, seed=12)
+    mask = torch.arange(length).unsqueeze(0) < valid_length
+    out = route(scores, amount, mask, route_block_size=16)
+    assert out.mask.sum().item() == expected
+    assert mask.gather(1, out.indices[:, 0])[out.mask[:, 0]].all()
