@@ -138,7 +138,8 @@ class ConditionalRoutedAttention(nn.Module):
         q_indices, q_weights = routed_q.indices[:, 0], routed_q.weights[:, 0].to(x.dtype)
         kv_weights = routed_kv.weights.to(x.dtype).repeat_interleave(heads_per_set, dim=1).unsqueeze(-1)
 
-        q = rearrange(self.heavy_q_proj(gather_tokens(x, routed_q.indices)[:, 0]), "b n (h e) -> b h n e", h=self.heavy_heads)
+        q = self.heavy_q_proj(gather_tokens(x, routed_q.indices)[:, 0])
+        q = rearrange(q, "b n (h e) -> b h n e", h=self.heavy_heads)
         kv_tokens = gather_tokens(x, routed_kv.indices)
         k = self._project_routed_kv(kv_tokens, self.heavy_k_proj)
         v = self._project_routed_kv(kv_tokens, self.heavy_v_proj) * kv_weights

@@ -65,16 +65,24 @@ def exact_shift(z: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -> torch.
     return alpha_m.gather(-1, first).squeeze(-1)
 
 
+def _lambdas_at_shift(
+    exponent: torch.Tensor, valid: torch.Tensor, saturated: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lambda = exp(min(exponent, 0))` with `exponent = (s + a) / eps`; masked tokens get 0, saturated rows get 1
+    on every valid token. Also returns where lambda is unsaturated (the tokens that carry gradient)."""
+    exponent = exponent.masked_fill(~valid, -math.inf)
+    lambdas = torch.exp(exponent.clamp_max(0.0))
+    lambdas = torch.where(saturated.unsqueeze(-1), valid.to(lambdas.dtype), lambdas)
+    return lambdas, valid & (exponent < 0) & ~saturated.unsqueeze(-1)
+
+
 class _ExactSoftTopk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
         z = scores / eps
         saturated = _saturated_rows(k, valid)
         alpha = exact_shift(z, torch.where(saturated, torch.zeros_like(k), k), valid)
-        shifted = (z + alpha.unsqueeze(-1)).masked_fill(~valid, -math.inf)
-        lambdas = torch.exp(shifted.clamp_max(0.0))
-        lambdas = torch.where(saturated.unsqueeze(-1), valid.to(lambdas.dtype), lambdas)
-        unsaturated = valid & (shifted < 0) & ~saturated.unsqueeze(-1)
+        lambdas, unsaturated = _lambdas_at_shift(z + alpha.unsqueeze(-1), valid, saturated)
         ctx.save_for_backward(lambdas, unsaturated)
         ctx.eps = eps
         return lambdas
@@ -100,11 +108,8 @@ class _IterativeSoftTopk(torch.autograd.Function):
         for eps in eps_steps[1:]:
             capped = torch.minimum(scores, -shifts[-1].unsqueeze(-1)).masked_fill(~valid, -math.inf)
             shifts.append(eps * (log_k - torch.logsumexp(capped / eps, dim=-1)))
-        final_eps = eps_steps[-1]
-        shifted = (scores + shifts[-1].unsqueeze(-1)).masked_fill(~valid, -math.inf)
-        lambdas = torch.exp(shifted.clamp_max(0.0) / final_eps)
-        lambdas = torch.where(saturated.unsqueeze(-1), valid.to(lambdas.dtype), lambdas)
-        unsaturated = valid & (shifted < 0) & ~saturated.unsqueeze(-1)
+        exponent = (scores + shifts[-1].unsqueeze(-1)) / eps_steps[-1]
+        lambdas, unsaturated = _lambdas_at_shift(exponent, valid, saturated)
         ctx.save_for_backward(scores, valid, lambdas, unsaturated, torch.stack(shifts, dim=-1))
         ctx.eps_steps = eps_steps
         return lambdas
