@@ -4,33 +4,45 @@
 Importing the package registers the config and models with transformers' Auto classes.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from .cache_colt5 import CoLT5Cache
+from .causal_attention import CausalAttentionState, CausalRoutedAttention
+from .causal_router import ThresholdRouter, route_block_memory
 from .configuration_colt5 import CoLT5Config
-from .modeling_colt5 import CoLT5ForSequenceClassification, CoLT5Model, CoLT5PreTrainedModel
+from .modeling_colt5 import CoLT5ForCausalLM, CoLT5ForSequenceClassification, CoLT5Model, CoLT5PreTrainedModel
 from .routed_attention import ConditionalRoutedAttention
-from .routed_block import ConditionalRoutedTransformerBlock
-from .routed_feedforward import ConditionalRoutedFeedForward, GatedMLP
+from .routed_block import CausalRoutedTransformerBlock, ConditionalRoutedTransformerBlock
+from .routed_feedforward import CausalRoutedFeedForward, ConditionalRoutedFeedForward, GatedMLP
 from .router import CoordinateDescentRouter, RouterOutput, route
 from .soft_topk import soft_topk
 
 AutoConfig.register(CoLT5Config.model_type, CoLT5Config, exist_ok=True)
 AutoModel.register(CoLT5Config, CoLT5Model, exist_ok=True)
+AutoModelForCausalLM.register(CoLT5Config, CoLT5ForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(CoLT5Config, CoLT5ForSequenceClassification, exist_ok=True)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CoLT5Cache",
     "CoLT5Config",
+    "CoLT5ForCausalLM",
     "CoLT5Model",
     "CoLT5ForSequenceClassification",
     "CoLT5PreTrainedModel",
+    "CausalAttentionState",
+    "CausalRoutedAttention",
+    "CausalRoutedFeedForward",
+    "CausalRoutedTransformerBlock",
     "ConditionalRoutedAttention",
     "ConditionalRoutedFeedForward",
     "ConditionalRoutedTransformerBlock",
     "CoordinateDescentRouter",
     "GatedMLP",
     "RouterOutput",
+    "ThresholdRouter",
     "route",
+    "route_block_memory",
     "soft_topk",
 ]

@@ -5,12 +5,13 @@
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-from .router import validate_amount
+from .router import routed_amount, validate_amount
 
 # Where each class lives in a saved checkpoint, so every Auto class loads it as remote code.
 COLT5_AUTO_MAP = {
     "AutoConfig": "configuration_colt5.CoLT5Config",
     "AutoModel": "modeling_colt5.CoLT5Model",
+    "AutoModelForCausalLM": "modeling_colt5.CoLT5ForCausalLM",
     "AutoModelForSequenceClassification": "modeling_colt5.CoLT5ForSequenceClassification",
 }
 
@@ -25,6 +26,12 @@ class CoLT5Config(PreTrainedConfig):
 
     Routed amounts (`routed_ff_tokens`, `routed_query_tokens`, `routed_kv_tokens`) are an `int` (a fixed number of
     tokens) or a `float` in (0, 1] (a fraction of each sample's valid length, rounded up).
+
+    With `is_causal=True` (`CoLT5ForCausalLM`) every output depends on earlier tokens only:
+    `routed_query_tokens` and `routed_ff_tokens` are target fractions (floats) for per-token routers with running
+    thresholds; `routed_kv_tokens` is the size of the routed key/value memory each block of `causal_block_size`
+    tokens attends to (an int, or a float as a fraction of `max_position_embeddings`), routed from the tokens
+    before the block.
 
     Args:
         vocab_size: vocabulary size.
@@ -50,7 +57,13 @@ class CoLT5Config(PreTrainedConfig):
         rope_theta: rotary embedding base (absolute positions in both attention branches).
         max_position_embeddings: the longest sequence the model is meant for (rotary embeddings themselves have
             no limit).
-        is_causal: causal routing (reserved for `CoLT5ForCausalLM`; not available in this version).
+        is_causal: causal model (`CoLT5ForCausalLM`): causal light attention, per-token query and feedforward
+            routing, and a routed key/value memory per block.
+        causal_block_size: with `is_causal`, the key/value memory is re-routed every this many tokens; a routed
+            query attends to its block's memory and to every earlier token of its own block.
+        causal_router_momentum: with `is_causal`, the weight of each training batch in the moving averages of the
+            per-token routers' thresholds.
+        use_cache: with `is_causal`, return a `CoLT5Cache` for fast generation.
         hidden_act: MLP activation (a key of transformers' ACT2FN).
         hidden_dropout: dropout on each branch's output.
         attention_dropout: dropout on attention probabilities.
@@ -93,6 +106,9 @@ class CoLT5Config(PreTrainedConfig):
     rope_theta: float = 10000.0
     max_position_embeddings: int = 16384
     is_causal: bool = False
+    causal_block_size: int = 1024
+    causal_router_momentum: float = 0.05
+    use_cache: bool = True
     hidden_act: str = "gelu_pytorch_tanh"
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -124,6 +140,7 @@ class CoLT5Config(PreTrainedConfig):
             "heavy_intermediate_size",
             "num_kv_routing_sets",
             "max_position_embeddings",
+            "causal_block_size",
         )
         for name in at_least_one:
             if getattr(self, name) < 1:
@@ -176,11 +193,28 @@ class CoLT5Config(PreTrainedConfig):
             raise ValueError(
                 f"pad_token_id must be None or in [0, vocab_size={self.vocab_size}), got {self.pad_token_id}."
             )
+        if not 0 < self.causal_router_momentum <= 1:
+            raise ValueError(f"causal_router_momentum must be in (0, 1], got {self.causal_router_momentum}.")
         if self.is_causal:
+            self._validate_causal()
+
+    def _validate_causal(self) -> None:
+        for name in ("routed_query_tokens", "routed_ff_tokens"):
+            if not isinstance(getattr(self, name), float):
+                raise ValueError(
+                    f"{name} must be a fraction (a float in (0, 1]) when is_causal=True: the causal model decides "
+                    f"per token, with a threshold that routes that share of tokens; got {getattr(self, name)!r}."
+                )
+        if self.route_block_size is not None:
             raise ValueError(
-                "is_causal=True is not available yet: this version has the encoder (non-causal) routing only; "
-                "use is_causal=False."
+                "route_block_size must be None when is_causal=True: the causal key/value memory is routed per "
+                "block of causal_block_size tokens already."
             )
+
+    def routed_memory_size(self) -> int:
+        """Routed keys/values per block of the causal model: `routed_kv_tokens` itself, or that fraction of
+        `max_position_embeddings`."""
+        return routed_amount(self.routed_kv_tokens, self.max_position_embeddings)
 
     def router_kwargs(self) -> dict:
         """Settings shared by every router of the model, as `CoordinateDescentRouter` keyword arguments."""

@@ -2,6 +2,9 @@
 """CoLT5's conditional feedforward: a narrow MLP for every token plus a wide MLP for routed tokens only.
 
     y = FF_light(x) + lambda * FF_heavy(x)      (heavy term only at routed positions)
+
+The encoder routes the top tokens of each sample (`ConditionalRoutedFeedForward`); the causal model decides per
+token with a `ThresholdRouter` (`CausalRoutedFeedForward`), so no output depends on a later token.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .causal_router import ThresholdRouter
 from .router import CoordinateDescentRouter, gather_tokens, scatter_tokens
 
 
@@ -64,3 +68,40 @@ class ConditionalRoutedFeedForward(nn.Module):
         indices, weights = routed.indices[:, 0], routed.weights[:, 0]
         heavy = self.heavy_mlp(gather_tokens(x, routed.indices)[:, 0]) * weights.unsqueeze(-1).to(x.dtype)
         return self.light_mlp(x) + scatter_tokens(heavy, indices, x.shape[1])
+
+
+class CausalRoutedFeedForward(nn.Module):
+    """Light MLP on every token, heavy MLP on the tokens a per-token `ThresholdRouter` routes (a target
+    `fraction` of them), its output scaled by the router weight. Each output depends on its own token only.
+
+    Args:
+        dim: model width.
+        fraction: target share of tokens routed to the heavy MLP, in (0, 1].
+        light_hidden_dim, heavy_hidden_dim: MLP widths (default dim / 2 and 4 * dim).
+        activation: the MLPs' activation (default tanh-approximated GELU).
+        router_kwargs: `ThresholdRouter` settings (fetch_ratio, eps, straight_through, momentum).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        fraction: float,
+        light_hidden_dim: int | None = None,
+        heavy_hidden_dim: int | None = None,
+        activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        router_kwargs: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.light_mlp = GatedMLP(dim, light_hidden_dim or dim // 2, activation)
+        self.heavy_mlp = GatedMLP(dim, heavy_hidden_dim or 4 * dim, activation)
+        self.router = ThresholdRouter(dim, fraction, **(router_kwargs or {}))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`x` `(batch, n, dim)`, `mask` `(batch, n)` bool (False = padding, never routed) -> `(batch, n, dim)`."""
+        gate = self.router(x, mask)
+        # Only the routed tokens go through the heavy MLP (their number varies, hence the flat selection).
+        tokens = gate.routed.flatten().nonzero().squeeze(-1)
+        flat = x.reshape(-1, x.shape[-1])
+        heavy = self.heavy_mlp(flat[tokens]) * gate.weights.flatten()[tokens].unsqueeze(-1).to(x.dtype)
+        return self.light_mlp(x) + torch.zeros_like(flat).index_add(0, tokens, heavy).view_as(x)

@@ -63,9 +63,13 @@ def routed_amount(amount: int | float, length: int | torch.Tensor) -> int | torc
 def _select(
     scores: torch.Tensor, valid: torch.Tensor, num_tokens: torch.Tensor, max_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-`num_tokens` positions of each row (`(rows, max_tokens)` indices and slot mask), by raw score."""
+    """Top-`num_tokens` positions of each row (`(rows, max_tokens)` indices and slot mask), by raw score.
+
+    Ties go to the earlier position (a stable sort): equal tokens score equally, and the causal model's cache must
+    make the same choice as a full forward pass.
+    """
     masked = scores.masked_fill(~valid, -math.inf)
-    indices = masked.topk(max_tokens, dim=-1).indices
+    indices = masked.sort(dim=-1, descending=True, stable=True).indices[..., :max_tokens]
     slot_mask = torch.arange(max_tokens, device=scores.device) < num_tokens.unsqueeze(-1)
     return indices, slot_mask
 
@@ -171,12 +175,26 @@ def route(
     return RouterOutput(indices, weights, slot_mask)
 
 
-class CoordinateDescentRouter(nn.Module):
-    """Scores tokens with `num_sets` learned vectors and routes each set's top tokens (CoLT5 section 3.1).
+class TokenScorer(nn.Module):
+    """Scores tokens with `num_sets` learned routing vectors.
 
     Scores are computed in float32 (float64 inputs stay float64), also under autocast, since the soft top-k
     needs the precision.
     """
+
+    def __init__(self, dim: int, num_sets: int = 1):
+        super().__init__()
+        self.routing_vectors = nn.Parameter(torch.randn(num_sets, dim) * dim**-0.5)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """`(batch, n, dim)` tokens -> `(batch, sets, n)` scores."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return torch.einsum("bnd,sd->bsn", x.to(dtype), self.routing_vectors.to(dtype))
+
+
+class CoordinateDescentRouter(TokenScorer):
+    """Scores tokens with `num_sets` learned vectors and routes each set's top tokens (CoLT5 section 3.1)."""
 
     def __init__(
         self,
@@ -190,10 +208,9 @@ class CoordinateDescentRouter(nn.Module):
         straight_through: bool = False,
         route_block_size: int | None = None,
     ):
-        super().__init__()
+        super().__init__(dim, num_sets)
         if fetch_ratio < 1:
             raise ValueError(f"fetch_ratio must be >= 1, got {fetch_ratio}.")
-        self.routing_vectors = nn.Parameter(torch.randn(num_sets, dim) * dim**-0.5)
         self.route_kwargs = dict(
             fetch_ratio=fetch_ratio,
             eps=eps,
@@ -202,12 +219,6 @@ class CoordinateDescentRouter(nn.Module):
             straight_through=straight_through,
             route_block_size=route_block_size,
         )
-
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """`(batch, n, dim)` tokens -> `(batch, sets, n)` scores."""
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return torch.einsum("bnd,sd->bsn", x.to(dtype), self.routing_vectors.to(dtype))
 
     def forward(self, x: torch.Tensor, amount: int | float, mask: torch.Tensor | None = None) -> RouterOutput:
         """Route `amount` tokens (int count or float fraction) of `x` `(batch, n, dim)`; mask `(batch, n)`."""

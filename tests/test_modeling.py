@@ -54,6 +54,7 @@ def test_config_defaults_are_colt5_base():
     assert config.auto_map == {
         "AutoConfig": "configuration_colt5.CoLT5Config",
         "AutoModel": "modeling_colt5.CoLT5Model",
+        "AutoModelForCausalLM": "modeling_colt5.CoLT5ForCausalLM",
         "AutoModelForSequenceClassification": "modeling_colt5.CoLT5ForSequenceClassification",
     }
 
@@ -104,7 +105,11 @@ INVALID_CONFIGS = [
     ({"initializer_range": -0.01}, "initializer_range"),
     ({"pad_token_id": 300}, "pad_token_id"),
     ({"pad_token_id": -1}, "pad_token_id"),
-    ({"is_causal": True}, "is_causal"),
+    ({"causal_block_size": 0}, "causal_block_size"),
+    ({"causal_router_momentum": 0.0}, "causal_router_momentum"),
+    ({"is_causal": True, "routed_query_tokens": 4}, "routed_query_tokens"),
+    ({"is_causal": True, "routed_ff_tokens": 4}, "routed_ff_tokens"),
+    ({"is_causal": True, "route_block_size": 64}, "route_block_size"),
 ]
 
 
@@ -395,7 +400,8 @@ def test_save_pretrained_writes_weights_config_and_code(model, tmp_path):
     assert {"model.safetensors", "config.json"} <= files
     needed = _code_files_needed()
     assert {"modeling_colt5.py", "configuration_colt5.py", "router.py", "soft_topk.py", "rotary.py",
-            "routed_attention.py", "routed_block.py", "routed_feedforward.py"} <= needed
+            "routed_attention.py", "routed_block.py", "routed_feedforward.py", "cache_colt5.py",
+            "causal_attention.py", "causal_router.py"} <= needed
     assert needed <= files, f"missing code files: {needed - files}"
     for name in needed:
         assert (tmp_path / name).read_text() == (PACKAGE_DIR / name).read_text()
@@ -405,6 +411,7 @@ def test_save_pretrained_writes_weights_config_and_code(model, tmp_path):
     assert saved["auto_map"] == {
         "AutoConfig": "configuration_colt5.CoLT5Config",
         "AutoModel": "modeling_colt5.CoLT5Model",
+        "AutoModelForCausalLM": "modeling_colt5.CoLT5ForCausalLM",
         "AutoModelForSequenceClassification": "modeling_colt5.CoLT5ForSequenceClassification",
     }
 

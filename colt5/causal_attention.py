@@ -1,0 +1,419 @@
+# Copyright 2026 The CoLT5 developers. Licensed under the Apache License, Version 2.0.
+"""CoLT5's conditional attention for causal models: the output at position t depends on tokens <= t only.
+
+What a token at valid index t, in block j = t // block_size, sees:
+- light branch (every token): the tokens t - light_window_size .. t (causal sliding window);
+- heavy branch (tokens routed by a per-token `ThresholdRouter`): the routed memory of block j (the
+  `memory_size` best-scoring tokens before the block, weighted by the soft top-k over that prefix) plus every
+  token of block j up to t.
+
+Decoding a token costs O(light_window_size + memory_size + block_size) per layer whatever the context length;
+at each block boundary the memory is re-routed from the stored router scores (O(context) scalars) and the keys
+and values of the old memory and the finished block (the new memory is the top of those two).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from local_attention import LocalAttention
+from torch import nn
+
+from .causal_router import ThresholdRouter, route_block_memory
+from .rotary import RotaryEmbedding, apply_rotary
+from .router import TokenScorer, route
+
+
+@dataclass
+class CausalAttentionState:
+    """What one causal routed attention layer keeps between decoding steps (all tensors batch-first).
+
+    Positions are indices into everything the layer has seen (padding included); `scores` and `token_mask` grow
+    by one column per token, everything else has a fixed size.
+
+    light_keys, light_values: `(batch, light_heads, <= window, head_dim)` the last tokens, rotated keys.
+    light_mask: `(batch, <= window)` False for padding.
+    scores: `(batch, sets, seen)` key/value router scores of every token seen, for re-routing.
+    token_mask: `(batch, seen)` False for padding.
+    memory_keys, memory_values: `(batch, sets, memory_size, heads_per_set * head_dim)` the routed memory of the
+        current block (rotated keys, not yet scaled by the router weights).
+    memory_weights, memory_mask, memory_index: `(batch, sets, memory_size)` weights, filled slots, positions.
+    block_keys, block_values: `(batch, sets, block_size, heads_per_set * head_dim)` tokens of the current block.
+    block_index: `(batch, block_size)` their positions.
+    """
+
+    light_keys: torch.Tensor
+    light_values: torch.Tensor
+    light_mask: torch.Tensor
+    scores: torch.Tensor
+    token_mask: torch.Tensor
+    memory_keys: torch.Tensor
+    memory_values: torch.Tensor
+    memory_weights: torch.Tensor
+    memory_mask: torch.Tensor
+    memory_index: torch.Tensor
+    block_keys: torch.Tensor
+    block_values: torch.Tensor
+    block_index: torch.Tensor
+
+    @property
+    def seen_tokens(self) -> int:
+        return self.scores.shape[-1]
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CausalAttentionState:
+        """A new state with `fn` applied to every tensor (for beam reordering and batch selection)."""
+        return CausalAttentionState(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+
+def _at_block(t: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """`(batch, sets, blocks, ...)` -> `(batch, sets, ...)`: each sample's entry at its `(batch,)` block."""
+    index = block.view(-1, 1, 1, *([1] * (t.dim() - 3))).expand(-1, t.shape[1], 1, *t.shape[3:])
+    return t.gather(2, index).squeeze(2)
+
+
+class CausalRoutedAttention(nn.Module):
+    """Causal routed attention (see the module docstring).
+
+    Args:
+        dim: model width.
+        routed_query_fraction: target share of tokens routed as heavy queries, in (0, 1].
+        memory_size: routed keys/values per block and routing set.
+        block_size: the memory is re-routed every `block_size` valid tokens.
+        light_heads, light_dim_head, light_window_size: light branch (each token sees the `light_window_size`
+            tokens before it and itself).
+        heavy_heads, heavy_dim_head: heavy branch; heads are split evenly among `num_routed_kv` routing sets.
+        multiply_keys_by_score: scale memory keys by their router weight (values always are).
+        multiply_queries_by_score: scale routed queries by their router weight (outputs always are).
+        learned_unrouted_output: add a learned vector to the heavy output of tokens that are not routed.
+        rotary_theta: rotary base (positions from `position_ids` in both branches).
+        dropout: attention-probability dropout.
+        router_kwargs: soft top-k settings (fetch_ratio, eps, n_iters, eps_schedule, straight_through) for the
+            memory routing; the query router uses fetch_ratio, eps and straight_through.
+        router_momentum: moving-average weight of the query router's statistics.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        routed_query_fraction: float,
+        memory_size: int,
+        block_size: int,
+        light_heads: int = 4,
+        light_dim_head: int = 64,
+        light_window_size: int = 127,
+        heavy_heads: int = 8,
+        heavy_dim_head: int = 64,
+        num_routed_kv: int = 1,
+        multiply_keys_by_score: bool = True,
+        multiply_queries_by_score: bool = False,
+        learned_unrouted_output: bool = False,
+        rotary_theta: float = 10000.0,
+        dropout: float = 0.0,
+        router_kwargs: dict[str, Any] | None = None,
+        router_momentum: float = 0.05,
+    ):
+        super().__init__()
+        if heavy_heads % num_routed_kv:
+            raise ValueError(
+                f"heavy_heads ({heavy_heads}) must be divisible by num_routed_kv ({num_routed_kv}): "
+                "the heavy heads are split evenly among the key/value routing sets."
+            )
+        for name, value in (("memory_size", memory_size), ("block_size", block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+        router_kwargs = dict(router_kwargs or {})
+        if router_kwargs.pop("route_block_size", None) is not None:
+            raise ValueError("route_block_size does not apply to causal attention: its memory is routed per block.")
+        self.memory_route_kwargs = router_kwargs
+        self.memory_size, self.block_size, self.window = memory_size, block_size, light_window_size
+        self.light_heads, self.heavy_heads, self.num_routed_kv = light_heads, heavy_heads, num_routed_kv
+        self.heads_per_set, self.heavy_dim_head = heavy_heads // num_routed_kv, heavy_dim_head
+        self.multiply_keys_by_score = multiply_keys_by_score
+        self.multiply_queries_by_score = multiply_queries_by_score
+        self.dropout = dropout
+
+        light_inner, heavy_inner = light_heads * light_dim_head, heavy_heads * heavy_dim_head
+        self.light_q_proj = nn.Linear(dim, light_inner, bias=False)
+        self.light_k_proj = nn.Linear(dim, light_inner, bias=False)
+        self.light_v_proj = nn.Linear(dim, light_inner, bias=False)
+        self.light_o_proj = nn.Linear(light_inner, dim, bias=False)
+        self.light_rotary = RotaryEmbedding(light_dim_head, rotary_theta)
+        self.local_attention = LocalAttention(
+            window_size=light_window_size,
+            causal=True,
+            look_backward=1,
+            look_forward=0,
+            exact_windowsize=True,
+            autopad=True,
+            dropout=dropout,
+            use_rotary_pos_emb=False,
+        )
+
+        self.heavy_q_proj = nn.Linear(dim, heavy_inner, bias=False)
+        self.heavy_k_proj = nn.Linear(dim, heavy_inner, bias=False)
+        self.heavy_v_proj = nn.Linear(dim, heavy_inner, bias=False)
+        self.heavy_o_proj = nn.Linear(heavy_inner, dim, bias=False)
+        self.heavy_rotary = RotaryEmbedding(heavy_dim_head, rotary_theta)
+        self.q_router = ThresholdRouter(
+            dim,
+            routed_query_fraction,
+            fetch_ratio=router_kwargs.get("fetch_ratio", 9 / 8),
+            eps=router_kwargs.get("eps", 1.0),
+            straight_through=router_kwargs.get("straight_through", False),
+            momentum=router_momentum,
+        )
+        self.kv_router = TokenScorer(dim, num_routed_kv)
+        self.unrouted_output = nn.Parameter(torch.zeros(dim)) if learned_unrouted_output else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        state: CausalAttentionState | None = None,
+        valid_counts: list[int] | None = None,
+    ) -> tuple[torch.Tensor, CausalAttentionState | None]:
+        """Attend causally.
+
+        Args:
+            x: `(batch, n, dim)` the new tokens.
+            mask: `(batch, n)` bool, False for padding (default all valid). With a state, new tokens must be valid.
+            position_ids: `(batch, n)` rotary positions (default: the valid index, so padding shifts nothing).
+            state: the state after the previous tokens, or None for the first call.
+            valid_counts: with a state, the number of valid tokens seen so far in each sample.
+
+        Returns:
+            `(batch, n, dim)` output, and the state after these tokens (None when no state was passed and
+            `valid_counts` is None: a plain forward pass keeps nothing).
+        """
+        batch, length, _ = x.shape
+        valid = torch.ones(batch, length, dtype=torch.bool, device=x.device) if mask is None else mask.bool()
+        if position_ids is None:
+            position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0)
+            if state is not None:
+                position_ids = position_ids + torch.tensor(valid_counts, device=x.device).unsqueeze(-1)
+        if state is None:
+            light, light_kv = self._light_full(x, valid, position_ids)
+            heavy, memory = self._heavy_full(x, valid, position_ids, keep_state=valid_counts is not None)
+            if valid_counts is None:
+                return light + heavy, None
+            return light + heavy, self._first_state(light_kv, valid, memory)
+        light, state = self._light_step(x, valid, position_ids, state)
+        heavy = []
+        for offset in range(length):  # the memory may re-route between two new tokens
+            counts = [count + offset for count in valid_counts]
+            out, state = self._heavy_step(x[:, offset : offset + 1], position_ids[:, offset : offset + 1], state, counts)
+            heavy.append(out)
+        return light + torch.cat(heavy, dim=1), state
+
+    # ------------------------------------------------------------------------------------------------ light
+    def _light_qkv(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q, k, v = (
+            rearrange(proj(x), "b n (h e) -> b h n e", h=self.light_heads)
+            for proj in (self.light_q_proj, self.light_k_proj, self.light_v_proj)
+        )
+        cos, sin = self.light_rotary(position_ids.unsqueeze(1), q.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def _light_full(self, x: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor):
+        q, k, v = self._light_qkv(x, position_ids)
+        out = self.local_attention(q, k, v, mask=valid)  # always a mask: see ConditionalRoutedAttention._light
+        window = (k[:, :, -self.window :], v[:, :, -self.window :], valid[:, -self.window :])
+        return self.light_o_proj(rearrange(out, "b h n e -> b n (h e)")), window
+
+    def _light_step(self, x, valid, position_ids, state: CausalAttentionState):
+        q, k, v = self._light_qkv(x, position_ids)
+        keys = torch.cat((state.light_keys, k), dim=2)
+        values = torch.cat((state.light_values, v), dim=2)
+        key_mask = torch.cat((state.light_mask, valid), dim=1)
+        new, total = x.shape[1], keys.shape[2]
+        query_pos = torch.arange(total - new, total, device=x.device)[:, None]
+        key_pos = torch.arange(total, device=x.device)[None, :]
+        allowed = (key_pos <= query_pos) & (query_pos - key_pos <= self.window)
+        allowed = allowed & key_mask[:, None, None, :]
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
+        state.light_keys, state.light_values = keys[:, :, -self.window :], values[:, :, -self.window :]
+        state.light_mask = key_mask[:, -self.window :]
+        return self.light_o_proj(rearrange(out, "b h n e -> b n (h e)")), state
+
+    # ------------------------------------------------------------------------------------------------ heavy
+    def _keys_values(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated heavy keys and values of every token: `(batch, sets, n, heads_per_set * head_dim)` each."""
+        split = "b n (s h e) -> b n s h e"
+        keys = rearrange(self.heavy_k_proj(x), split, s=self.num_routed_kv, h=self.heads_per_set)
+        values = self.heavy_v_proj(x)
+        cos, sin = self.heavy_rotary(position_ids[:, :, None, None], keys.dtype)
+        keys = rearrange(apply_rotary(keys, cos, sin), "b n s h e -> b s n (h e)")
+        return keys, rearrange(values, "b n (s f) -> b s n f", s=self.num_routed_kv)
+
+    def _routed_queries(self, x: torch.Tensor, tokens: torch.Tensor, position_ids: torch.Tensor, weights):
+        """Heavy queries of the tokens at `(batch, m)` indices -> `(batch, heads, m, head_dim)`."""
+        chosen = x.gather(1, tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        q = rearrange(self.heavy_q_proj(chosen), "b m (h e) -> b h m e", h=self.heavy_heads)
+        cos, sin = self.heavy_rotary(position_ids.gather(1, tokens).unsqueeze(1), q.dtype)
+        q = apply_rotary(q, cos, sin)
+        if self.multiply_queries_by_score:
+            q = q * weights.to(q.dtype).unsqueeze(1).unsqueeze(-1)
+        return q
+
+    def _scale_memory(self, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor):
+        """Apply the router weights `(..., m)` to memory keys (if configured) and values `(..., m, features)`."""
+        weights = weights.to(values.dtype).unsqueeze(-1)
+        return (keys * weights if self.multiply_keys_by_score else keys), values * weights
+
+    def _attend(self, q, keys, values, allowed) -> torch.Tensor:
+        """SDPA with per-set keys: q `(rows, heads, m, e)`, keys/values `(rows, sets, slots, heads_per_set * e)`,
+        allowed `(rows, sets, m, slots)` -> `(rows, m, heads * e)`."""
+        split = "r s m (h e) -> r (s h) m e"
+        keys = rearrange(keys, split, h=self.heads_per_set)
+        values = rearrange(values, split, h=self.heads_per_set)
+        # Query slots left empty (no routed token) have nothing to attend to: let them see everything, unused.
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        allowed = allowed.repeat_interleave(self.heads_per_set, dim=1) if self.num_routed_kv > 1 else allowed
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+        )
+        return rearrange(out, "r h m e -> r m (h e)")
+
+    def _unrouted(self, routed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
+        if self.unrouted_output is None:
+            return 0.0
+        return (~routed).unsqueeze(-1) * self.unrouted_output.to(dtype)
+
+    def _heavy_full(self, x: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor, keep_state: bool):
+        batch, length, dim = x.shape
+        block, blocks = self.block_size, math.ceil(length / self.block_size)
+        keys, values = self._keys_values(x, position_ids)
+        features = keys.shape[-1]
+        scores = self.kv_router.scores(x)
+        memory = route_block_memory(scores, valid, block, self.memory_size, **self.memory_route_kwargs)
+        slots = memory.indices.shape[-1]
+        memory_index = rearrange(memory.indices, "b j s m -> b s (j m)")
+        gather_index = memory_index.unsqueeze(-1).expand(-1, -1, -1, features)
+        memory_keys = keys.gather(2, gather_index).view(batch, -1, blocks, slots, features)
+        memory_values = values.gather(2, gather_index).view(batch, -1, blocks, slots, features)
+        memory_weights = rearrange(memory.weights, "b j s m -> b s j m")
+        scaled_keys, scaled_values = self._scale_memory(memory_keys, memory_values, memory_weights)
+
+        # The tokens of each block in valid-index order: padding sorts last, blocks are then plain slices.
+        order = (~valid).to(torch.int8).sort(dim=-1, stable=True).indices
+        order = F.pad(order, (0, blocks * block - length)).view(batch, blocks, block)
+        in_block = (torch.arange(blocks * block, device=x.device) < valid.sum(-1, keepdim=True)).view_as(order)
+        block_index = order.view(batch, 1, -1, 1).expand(-1, keys.shape[1], -1, features)
+        block_keys = keys.gather(2, block_index).view(batch, -1, blocks, block, features)
+        block_values = values.gather(2, block_index).view(batch, -1, blocks, block, features)
+
+        gate = self.q_router(x, valid)
+        routed_in_block = gate.routed.gather(1, order.flatten(1)).view_as(order) & in_block
+        num_queries = int(routed_in_block.sum(-1).max())
+        heavy = x.new_zeros(batch, length, dim)
+        if num_queries > 0:
+            query_slot = (~routed_in_block).to(torch.int8).sort(dim=-1, stable=True).indices[..., :num_queries]
+            query_valid = routed_in_block.gather(-1, query_slot)  # (b, j, g)
+            query_tokens = order.gather(-1, query_slot).flatten(1)  # (b, j * g)
+            query_weights = gate.weights.gather(1, query_tokens)
+            q = self._routed_queries(x, query_tokens, position_ids, query_weights)
+            q = rearrange(q, "b h (j g) e -> (b j) h g e", j=blocks)
+
+            causal = torch.arange(block, device=x.device) <= query_slot.unsqueeze(-1)  # (b, j, g, block)
+            block_allowed = (causal & in_block.unsqueeze(2)).unsqueeze(2)  # (b, j, 1, g, block)
+            memory_allowed = rearrange(memory.mask, "b j s m -> b j s 1 m").expand(-1, -1, -1, num_queries, -1)
+            allowed = torch.cat(
+                (memory_allowed, block_allowed.expand(-1, -1, memory_allowed.shape[2], -1, -1)), dim=-1
+            )
+            merge = "b s j m f -> (b j) s m f"
+            out = self._attend(
+                q,
+                torch.cat((rearrange(scaled_keys, merge), rearrange(block_keys, merge)), dim=2),
+                torch.cat((rearrange(scaled_values, merge), rearrange(block_values, merge)), dim=2),
+                allowed.flatten(0, 1),
+            )
+            out = self.heavy_o_proj(out).view(batch, -1, dim)
+            out = out * (query_weights * query_valid.flatten(1)).to(out.dtype).unsqueeze(-1)
+            heavy = heavy.scatter_add(1, query_tokens.unsqueeze(-1).expand_as(out), out)
+        heavy = heavy + self._unrouted(gate.routed, x.dtype)
+        if not keep_state:
+            return heavy, None
+
+        # The state continues from each sample's last block (the one its next token may still belong to).
+        current = (valid.sum(-1) - 1).clamp_min(0) // block
+        pad = self.memory_size - slots
+        kept = dict(
+            scores=scores.detach(),
+            memory_keys=F.pad(_at_block(memory_keys, current), (0, 0, 0, pad)),
+            memory_values=F.pad(_at_block(memory_values, current), (0, 0, 0, pad)),
+            memory_weights=F.pad(_at_block(memory_weights, current), (0, pad)),
+            memory_mask=F.pad(_at_block(rearrange(memory.mask, "b j s m -> b s j m"), current), (0, pad)),
+            memory_index=F.pad(_at_block(rearrange(memory.indices, "b j s m -> b s j m"), current), (0, pad)),
+            block_keys=_at_block(block_keys, current),
+            block_values=_at_block(block_values, current),
+            block_index=_at_block(order.unsqueeze(1), current).squeeze(1),
+        )
+        return heavy, kept
+
+    def _first_state(self, light_kv, valid: torch.Tensor, memory: dict) -> CausalAttentionState:
+        light_keys, light_values, light_mask = light_kv
+        state = CausalAttentionState(
+            light_keys=light_keys, light_values=light_values, light_mask=light_mask, token_mask=valid, **memory
+        )
+        # Copies without autograd history: the state outlives this forward pass and must not pin its tensors.
+        return state.map_batch(lambda t: t.detach().clone())
+
+    def _reroute(self, state: CausalAttentionState, samples: torch.Tensor) -> None:
+        """Replace the memory of `samples` (whose current block just filled up) by the memory of the next block:
+        the top of the old memory and the finished block, weighted by the soft top-k over the whole prefix."""
+        routed = route(
+            state.scores[samples], self.memory_size, state.token_mask[samples], **self.memory_route_kwargs
+        )
+        pad = self.memory_size - routed.indices.shape[-1]
+        indices, weights, filled = (F.pad(t, (0, pad)) for t in routed)
+        old_index = state.memory_index[samples].masked_fill(~state.memory_mask[samples], -1)
+        block_index = state.block_index[samples].unsqueeze(1).expand(-1, old_index.shape[1], -1)
+        candidates = torch.cat((old_index, block_index), dim=-1)  # (c, sets, memory + block)
+        source = (indices.unsqueeze(-1) == candidates.unsqueeze(-2)).int().argmax(-1)
+        source = source.unsqueeze(-1).expand(-1, -1, -1, state.memory_keys.shape[-1])
+        for name in ("keys", "values"):
+            pool = torch.cat((getattr(state, f"memory_{name}")[samples], getattr(state, f"block_{name}")[samples]), 2)
+            getattr(state, f"memory_{name}")[samples] = pool.gather(2, source)
+        state.memory_index[samples] = indices
+        state.memory_weights[samples] = weights.to(state.memory_weights.dtype)
+        state.memory_mask[samples] = filled
+
+    def _heavy_step(self, x, position_ids, state: CausalAttentionState, counts: list[int]):
+        """One new (valid) token per sample; `counts` = valid tokens before it."""
+        batch = x.shape[0]
+        crossing = [sample for sample, count in enumerate(counts) if count > 0 and count % self.block_size == 0]
+        if crossing:
+            self._reroute(state, torch.tensor(crossing, device=x.device))
+        keys, values = self._keys_values(x, position_ids)
+        rows = torch.arange(batch, device=x.device)
+        slot = torch.tensor([count % self.block_size for count in counts], device=x.device)
+        state.block_keys[rows, :, slot] = keys[:, :, 0]
+        state.block_values[rows, :, slot] = values[:, :, 0]
+        state.block_index[rows, slot] = state.seen_tokens
+        state.scores = torch.cat((state.scores, self.kv_router.scores(x).detach()), dim=-1)
+        state.token_mask = torch.cat((state.token_mask, torch.ones_like(state.token_mask[:, :1])), dim=-1)
+
+        gate = self.q_router(x)
+        q = self._routed_queries(x, torch.zeros_like(position_ids), position_ids, gate.weights)
+        memory_keys, memory_values = self._scale_memory(state.memory_keys, state.memory_values, state.memory_weights)
+        block_allowed = torch.arange(self.block_size, device=x.device) <= slot.unsqueeze(-1)  # (b, block)
+        allowed = torch.cat(
+            (state.memory_mask, block_allowed.unsqueeze(1).expand(-1, self.num_routed_kv, -1)), dim=-1
+        ).unsqueeze(2)
+        out = self._attend(
+            q,
+            torch.cat((memory_keys, state.block_keys), dim=2),
+            torch.cat((memory_values, state.block_values), dim=2),
+            allowed,
+        )
+        out = self.heavy_o_proj(out) * gate.weights.to(x.dtype).unsqueeze(-1)
+        return out + self._unrouted(gate.routed, x.dtype), state

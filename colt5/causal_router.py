@@ -1,0 +1,162 @@
+# Copyright 2026 The CoLT5 developers. Licensed under the Apache License, Version 2.0.
+"""Routing for causal (decoder) models, where every decision may depend on the prefix only.
+
+- `ThresholdRouter` (heavy queries, heavy feedforward): a per-token decision. A token is routed when its score
+  reaches a running threshold, and weighted by the soft top-k formula `min(1, exp((s + a) / eps))` at a running
+  shift `a`. Both statistics are buffers, estimated in training as moving averages of what the soft top-k of the
+  whole batch gives, so the routed fraction tracks the target while no decision looks at another token.
+- `route_block_memory` (heavy keys/values): for each block of `block_size` tokens, the `memory_size` tokens with
+  the highest scores among the tokens before the block, weighted by the soft top-k over that prefix. With a fixed
+  memory size the memory of block j + 1 is the top of (memory of block j + block j), which is what lets the cache
+  re-route from a bounded state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .router import RouterOutput, TokenScorer, route, routed_amount
+from .soft_topk import exact_shift
+
+# Quantiles of the standard normal distribution stand in for scores before any training: tokens are RMS-normalised
+# and routing vectors start with norm ~1, so initial scores are close to N(0, 1).
+_REFERENCE_SCORES = 4096
+
+
+class GateOutput(NamedTuple):
+    """Per-token routing decisions.
+
+    routed: `(batch, n)` bool, the tokens that take the heavy branch.
+    weights: `(batch, n)` their weights (0 where not routed).
+    """
+
+    routed: torch.Tensor
+    weights: torch.Tensor
+
+
+def gate_statistics(
+    scores: torch.Tensor, fraction: float, *, fetch_ratio: float = 9 / 8, eps: float = 1.0
+) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """Threshold and soft top-k shift of a pool of scores.
+
+    Args:
+        scores: `(N,)` scores of valid tokens, N >= 1.
+        fraction: the share of tokens to route.
+        fetch_ratio, eps: soft top-k settings (it normalises over `fetch_ratio * fraction * N` tokens).
+
+    Returns:
+        `(threshold, shift)`: the score of the `ceil(fraction * N)`-th best token, and `a` with
+        `sum_j min(1, exp((s_j + a) / eps)) = fetch_ratio * fraction * N` (when that is below N; else a shift that
+        saturates every token).
+    """
+    count = scores.numel()
+    threshold = scores.topk(routed_amount(fraction, count)).values[-1]
+    soft_amount = fetch_ratio * fraction * count
+    if soft_amount >= count:
+        return threshold, -scores.min()
+    z = (scores / eps).unsqueeze(0)
+    k = torch.full((1,), soft_amount, dtype=z.dtype, device=z.device)
+    shift = eps * exact_shift(z, k, torch.ones_like(z, dtype=torch.bool))[0]
+    return threshold, shift
+
+
+class ThresholdRouter(TokenScorer):
+    """Per-token causal router for `fraction` of the tokens (see the module docstring).
+
+    Args:
+        dim: model width.
+        fraction: target share of routed tokens, in (0, 1].
+        fetch_ratio, eps: soft top-k settings used for the weights.
+        straight_through: weights are 1 in the forward pass and carry the gradient of the soft weight backward.
+        momentum: weight of each training batch in the moving averages of threshold and shift.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        fraction: float,
+        *,
+        fetch_ratio: float = 9 / 8,
+        eps: float = 1.0,
+        straight_through: bool = False,
+        momentum: float = 0.05,
+    ):
+        super().__init__(dim, 1)
+        if isinstance(fraction, bool) or not isinstance(fraction, float) or not 0 < fraction <= 1:
+            raise ValueError(
+                f"A causal router routes a fraction of the tokens, a float in (0, 1]; got {fraction!r}."
+            )
+        if not 0 < momentum <= 1:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}.")
+        self.fraction, self.fetch_ratio, self.eps = fraction, fetch_ratio, eps
+        self.straight_through, self.momentum = straight_through, momentum
+        threshold, shift = self.reference_statistics()
+        self.threshold = nn.Buffer(torch.tensor(threshold))
+        self.shift = nn.Buffer(torch.tensor(shift))
+
+    def reference_statistics(self) -> tuple[float, float]:
+        """Threshold and shift for standard normal scores: the values before any training."""
+        quantiles = (torch.arange(_REFERENCE_SCORES, dtype=torch.float64, device="cpu") + 0.5) / _REFERENCE_SCORES
+        threshold, shift = gate_statistics(
+            torch.special.ndtri(quantiles), self.fraction, fetch_ratio=self.fetch_ratio, eps=self.eps
+        )
+        return float(threshold), float(shift)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> GateOutput:
+        """`x` `(batch, n, dim)`, `mask` `(batch, n)` bool (False = padding, never routed) -> GateOutput."""
+        scores = self.scores(x)[:, 0]
+        routed = scores >= self.threshold
+        if mask is not None:
+            routed = routed & mask.bool()
+        weights = torch.exp(((scores + self.shift) / self.eps).clamp_max(0.0))
+        if self.straight_through:
+            weights = weights - weights.detach() + 1.0
+        if self.training:
+            self._update_statistics(scores.detach(), mask)
+        return GateOutput(routed, weights * routed)
+
+    @torch.no_grad()
+    def _update_statistics(self, scores: torch.Tensor, mask: torch.Tensor | None) -> None:
+        pool = scores.flatten() if mask is None else scores[mask.bool()]
+        if pool.numel() == 0:
+            return
+        threshold, shift = gate_statistics(pool, self.fraction, fetch_ratio=self.fetch_ratio, eps=self.eps)
+        self.threshold.lerp_(threshold.to(self.threshold.dtype), self.momentum)
+        self.shift.lerp_(shift.to(self.shift.dtype), self.momentum)
+
+
+def route_block_memory(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    block_size: int,
+    memory_size: int,
+    **route_kwargs,
+) -> RouterOutput:
+    """The routed key/value memory of every block.
+
+    Blocks count valid tokens: block j holds the valid tokens with `j * block_size <= valid index < (j + 1) *
+    block_size`, so a left-padded sample has the same blocks as the sample alone.
+
+    Args:
+        scores: `(batch, sets, n)` key/value router scores.
+        valid: `(batch, n)` bool, False for padding.
+        block_size: tokens per block.
+        memory_size: tokens routed for each block (fewer while the prefix is shorter).
+        **route_kwargs: soft top-k settings of `route` (fetch_ratio, eps, n_iters, eps_schedule, straight_through).
+
+    Returns:
+        RouterOutput with `(batch, blocks, sets, min(memory_size, n))` tensors, blocks = ceil(n / block_size):
+        the memory of block j holds only tokens before the block.
+    """
+    batch, sets, length = scores.shape
+    blocks = math.ceil(length / block_size)
+    valid_index = valid.long().cumsum(-1) - 1
+    block_start = torch.arange(blocks, device=scores.device) * block_size
+    prefix = valid.unsqueeze(1) & (valid_index.unsqueeze(1) < block_start[:, None])  # (batch, blocks, n)
+    rows = scores.unsqueeze(1).expand(batch, blocks, sets, length).reshape(batch * blocks, sets, length)
+    routed = route(rows, memory_size, prefix.reshape(batch * blocks, length), **route_kwargs)
+    return RouterOutput(*(t.view(batch, blocks, sets, -1) for t in routed))
