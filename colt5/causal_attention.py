@@ -32,20 +32,24 @@ from .router import TokenScorer, route
 
 @dataclass
 class CausalAttentionState:
-    """What one causal routed attention layer keeps between decoding steps (all tensors batch-first).
+    """What one causal routed attention layer keeps between decoding steps (tensors batch-first).
 
-    Positions are indices into everything the layer has seen (padding included); `scores` and `token_mask` grow
-    by one column per token, everything else has a fixed size.
+    Positions are indices into everything the layer has seen (padding included). Decoding writes into these
+    tensors in place: only `scores` and `token_mask` grow (by doubling), everything else has a fixed size.
 
-    light_keys, light_values: `(batch, light_heads, <= window, head_dim)` the last tokens, rotated keys.
-    light_mask: `(batch, <= window)` False for padding.
-    scores: `(batch, sets, seen)` key/value router scores of every token seen, for re-routing.
-    token_mask: `(batch, seen)` False for padding.
+    light_keys, light_values: `(batch, light_heads, window + 1, head_dim)` a ring buffer of the last tokens
+        (position p at slot p % (window + 1)), rotated keys.
+    light_mask: `(batch, window + 1)` filled slots holding valid tokens.
+    scores: `(batch, sets, capacity)` key/value router scores of every token seen, for re-routing.
+    token_mask: `(batch, capacity)` False for padding.
     memory_keys, memory_values: `(batch, sets, memory_size, heads_per_set * head_dim)` the routed memory of the
-        current block (rotated keys, not yet scaled by the router weights).
+        current block (rotated keys, not scaled by the router weights), the candidates of the next re-routing.
     memory_weights, memory_mask, memory_index: `(batch, sets, memory_size)` weights, filled slots, positions.
-    block_keys, block_values: `(batch, sets, block_size, heads_per_set * head_dim)` tokens of the current block.
-    block_index: `(batch, block_size)` their positions.
+    block_index: `(batch, block_size)` positions of the current block's tokens; block_fill `(batch,)` their count.
+    heavy_keys, heavy_values: `(batch, heavy_heads, memory_size + block_size, head_dim)` what a routed query
+        attends to: the memory scaled by its weights, then the current block.
+    heavy_mask: `(batch, heavy_heads, memory_size + block_size)` the slots a query may attend to.
+    seen_tokens: tokens seen so far.
     """
 
     light_keys: torch.Tensor
@@ -58,17 +62,21 @@ class CausalAttentionState:
     memory_weights: torch.Tensor
     memory_mask: torch.Tensor
     memory_index: torch.Tensor
-    block_keys: torch.Tensor
-    block_values: torch.Tensor
     block_index: torch.Tensor
-
-    @property
-    def seen_tokens(self) -> int:
-        return self.scores.shape[-1]
+    block_fill: torch.Tensor
+    heavy_keys: torch.Tensor
+    heavy_values: torch.Tensor
+    heavy_mask: torch.Tensor
+    seen_tokens: int
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CausalAttentionState:
         """A new state with `fn` applied to every tensor (for beam reordering and batch selection)."""
-        return CausalAttentionState(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+        return CausalAttentionState(
+            **{
+                f.name: fn(value) if isinstance(value := getattr(self, f.name), torch.Tensor) else value
+                for f in fields(self)
+            }
+        )
 
 
 def _at_block(t: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
@@ -205,13 +213,11 @@ class CausalRoutedAttention(nn.Module):
             if valid_counts is None:
                 return light + heavy, None
             return light + heavy, self._first_state(light_kv, valid, memory)
-        light, state = self._light_step(x, valid, position_ids, state)
-        heavy = []
+        outputs = []
         for offset in range(length):  # the memory may re-route between two new tokens
             counts = [count + offset for count in valid_counts]
-            out, state = self._heavy_step(x[:, offset : offset + 1], position_ids[:, offset : offset + 1], state, counts)
-            heavy.append(out)
-        return light + torch.cat(heavy, dim=1), state
+            outputs.append(self._step(x[:, offset : offset + 1], position_ids[:, offset : offset + 1], state, counts))
+        return torch.cat(outputs, dim=1), state
 
     # ------------------------------------------------------------------------------------------------ light
     def _light_qkv(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -225,24 +231,17 @@ class CausalRoutedAttention(nn.Module):
     def _light_full(self, x: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor):
         q, k, v = self._light_qkv(x, position_ids)
         out = self.local_attention(q, k, v, mask=valid)  # always a mask: see ConditionalRoutedAttention._light
-        window = (k[:, :, -self.window :], v[:, :, -self.window :], valid[:, -self.window :])
-        return self.light_o_proj(rearrange(out, "b h n e -> b n (h e)")), window
+        return self.light_o_proj(rearrange(out, "b h n e -> b n (h e)")), (k, v)
 
-    def _light_step(self, x, valid, position_ids, state: CausalAttentionState):
-        q, k, v = self._light_qkv(x, position_ids)
-        keys = torch.cat((state.light_keys, k), dim=2)
-        values = torch.cat((state.light_values, v), dim=2)
-        key_mask = torch.cat((state.light_mask, valid), dim=1)
-        new, total = x.shape[1], keys.shape[2]
-        query_pos = torch.arange(total - new, total, device=x.device)[:, None]
-        key_pos = torch.arange(total, device=x.device)[None, :]
-        allowed = (key_pos <= query_pos) & (query_pos - key_pos <= self.window)
-        allowed = allowed & key_mask[:, None, None, :]
-        allowed = allowed | ~allowed.any(-1, keepdim=True)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed)
-        state.light_keys, state.light_values = keys[:, :, -self.window :], values[:, :, -self.window :]
-        state.light_mask = key_mask[:, -self.window :]
-        return self.light_o_proj(rearrange(out, "b h n e -> b n (h e)")), state
+    def _light_ring(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
+        """The ring buffers of the state from `(batch, heads, n, head_dim)` keys/values of positions 0..n-1."""
+        length, ring = keys.shape[2], self.window + 1
+        last = torch.arange(max(0, length - ring), length, device=keys.device)
+        slots = last % ring
+        ring_keys = keys.new_zeros(*keys.shape[:2], ring, keys.shape[-1]).index_copy_(2, slots, keys[:, :, last])
+        ring_values = values.new_zeros(ring_keys.shape).index_copy_(2, slots, values[:, :, last])
+        ring_mask = valid.new_zeros(valid.shape[0], ring).index_copy_(1, slots, valid[:, last])
+        return ring_keys, ring_values, ring_mask
 
     # ------------------------------------------------------------------------------------------------ heavy
     def _keys_values(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,7 +343,8 @@ class CausalRoutedAttention(nn.Module):
             return heavy, None
 
         # The state continues from each sample's last block (the one its next token may still belong to).
-        current = (valid.sum(-1) - 1).clamp_min(0) // block
+        counts = valid.sum(-1)
+        current = (counts - 1).clamp_min(0) // block
         pad = self.memory_size - slots
         kept = dict(
             scores=scores.detach(),
@@ -353,67 +353,109 @@ class CausalRoutedAttention(nn.Module):
             memory_weights=F.pad(_at_block(memory_weights, current), (0, pad)),
             memory_mask=F.pad(_at_block(rearrange(memory.mask, "b j s m -> b s j m"), current), (0, pad)),
             memory_index=F.pad(_at_block(rearrange(memory.indices, "b j s m -> b s j m"), current), (0, pad)),
-            block_keys=_at_block(block_keys, current),
-            block_values=_at_block(block_values, current),
             block_index=_at_block(order.unsqueeze(1), current).squeeze(1),
+            block_fill=counts - current * block,
         )
-        return heavy, kept
+        block_kv = (_at_block(block_keys, current), _at_block(block_values, current))
+        return heavy, (kept, block_kv)
 
-    def _first_state(self, light_kv, valid: torch.Tensor, memory: dict) -> CausalAttentionState:
-        light_keys, light_values, light_mask = light_kv
+    def _first_state(self, light_kv, valid: torch.Tensor, heavy_kept) -> CausalAttentionState:
+        """The state after a forward pass over a whole prompt."""
+        memory, (block_keys, block_values) = heavy_kept
+        light_keys, light_values, light_mask = self._light_ring(*light_kv, valid)
+        heavy_keys, heavy_values, heavy_mask = self._heavy_buffers(
+            memory["memory_keys"], memory["memory_values"], memory["memory_weights"], memory["memory_mask"]
+        )
+        block = torch.arange(self.block_size, device=valid.device) < memory["block_fill"].unsqueeze(-1)
+        split = "b s m (h e) -> b (s h) m e"
         state = CausalAttentionState(
-            light_keys=light_keys, light_values=light_values, light_mask=light_mask, token_mask=valid, **memory
+            light_keys=light_keys,
+            light_values=light_values,
+            light_mask=light_mask,
+            token_mask=valid,
+            heavy_keys=torch.cat((heavy_keys, rearrange(block_keys, split, h=self.heads_per_set)), dim=2),
+            heavy_values=torch.cat((heavy_values, rearrange(block_values, split, h=self.heads_per_set)), dim=2),
+            heavy_mask=torch.cat((heavy_mask, block.unsqueeze(1).expand(-1, self.heavy_heads, -1)), dim=2),
+            seen_tokens=valid.shape[1],
+            **memory,
         )
         # Copies without autograd history: the state outlives this forward pass and must not pin its tensors.
         return state.map_batch(lambda t: t.detach().clone())
 
+    def _heavy_buffers(self, keys, values, weights, mask):
+        """Memory part of `heavy_keys/values/mask` from `(c, sets, memory, features)` memory tensors."""
+        scaled_keys, scaled_values = self._scale_memory(keys, values, weights)
+        split = "c s m (h e) -> c (s h) m e"
+        return (
+            rearrange(scaled_keys, split, h=self.heads_per_set),
+            rearrange(scaled_values, split, h=self.heads_per_set),
+            mask.repeat_interleave(self.heads_per_set, dim=1),
+        )
+
     def _reroute(self, state: CausalAttentionState, samples: torch.Tensor) -> None:
         """Replace the memory of `samples` (whose current block just filled up) by the memory of the next block:
         the top of the old memory and the finished block, weighted by the soft top-k over the whole prefix."""
+        seen, memory = state.seen_tokens, self.memory_size
         routed = route(
-            state.scores[samples], self.memory_size, state.token_mask[samples], **self.memory_route_kwargs
+            state.scores[samples, :, :seen], memory, state.token_mask[samples, :seen], **self.memory_route_kwargs
         )
-        pad = self.memory_size - routed.indices.shape[-1]
+        pad = memory - routed.indices.shape[-1]
         indices, weights, filled = (F.pad(t, (0, pad)) for t in routed)
         old_index = state.memory_index[samples].masked_fill(~state.memory_mask[samples], -1)
         block_index = state.block_index[samples].unsqueeze(1).expand(-1, old_index.shape[1], -1)
         candidates = torch.cat((old_index, block_index), dim=-1)  # (c, sets, memory + block)
         source = (indices.unsqueeze(-1) == candidates.unsqueeze(-2)).int().argmax(-1)
         source = source.unsqueeze(-1).expand(-1, -1, -1, state.memory_keys.shape[-1])
+        merge = "c (s h) m e -> c s m (h e)"
+        new_memory = []
         for name in ("keys", "values"):
-            pool = torch.cat((getattr(state, f"memory_{name}")[samples], getattr(state, f"block_{name}")[samples]), 2)
-            getattr(state, f"memory_{name}")[samples] = pool.gather(2, source)
+            finished_block = rearrange(getattr(state, f"heavy_{name}")[samples, :, memory:], merge, s=self.num_routed_kv)
+            pool = torch.cat((getattr(state, f"memory_{name}")[samples], finished_block), dim=2)
+            new_memory.append(pool.gather(2, source))
+        state.memory_keys[samples], state.memory_values[samples] = new_memory
         state.memory_index[samples] = indices
         state.memory_weights[samples] = weights.to(state.memory_weights.dtype)
         state.memory_mask[samples] = filled
+        heavy_keys, heavy_values, heavy_mask = self._heavy_buffers(*new_memory, weights, filled)
+        state.heavy_keys[samples, :, :memory] = heavy_keys.to(state.heavy_keys.dtype)
+        state.heavy_values[samples, :, :memory] = heavy_values.to(state.heavy_values.dtype)
+        state.heavy_mask[samples] = F.pad(heavy_mask, (0, self.block_size))
+        state.block_fill[samples] = 0
 
-    def _heavy_step(self, x, position_ids, state: CausalAttentionState, counts: list[int]):
-        """One new (valid) token per sample; `counts` = valid tokens before it."""
-        batch = x.shape[0]
+    def _step(self, x, position_ids, state: CausalAttentionState, counts: list[int]) -> torch.Tensor:
+        """One new (valid) token per sample: `x` `(batch, 1, dim)`; `counts` = valid tokens before it."""
+        batch, seen = x.shape[0], state.seen_tokens
+        # Light branch: write the token into the ring buffer, then attend to every filled slot.
+        q, k, v = self._light_qkv(x, position_ids)
+        ring_slot = seen % (self.window + 1)
+        state.light_keys[:, :, ring_slot] = k[:, :, 0]
+        state.light_values[:, :, ring_slot] = v[:, :, 0]
+        state.light_mask[:, ring_slot] = True
+        light = F.scaled_dot_product_attention(q, state.light_keys, state.light_values, state.light_mask[:, None, None])
+        light = self.light_o_proj(rearrange(light, "b h n e -> b n (h e)"))
+
+        # Heavy branch: re-route where a block just filled up, append the token to its block, attend.
         crossing = [sample for sample, count in enumerate(counts) if count > 0 and count % self.block_size == 0]
         if crossing:
             self._reroute(state, torch.tensor(crossing, device=x.device))
         keys, values = self._keys_values(x, position_ids)
         rows = torch.arange(batch, device=x.device)
-        slot = torch.tensor([count % self.block_size for count in counts], device=x.device)
-        state.block_keys[rows, :, slot] = keys[:, :, 0]
-        state.block_values[rows, :, slot] = values[:, :, 0]
-        state.block_index[rows, slot] = state.seen_tokens
-        state.scores = torch.cat((state.scores, self.kv_router.scores(x).detach()), dim=-1)
-        state.token_mask = torch.cat((state.token_mask, torch.ones_like(state.token_mask[:, :1])), dim=-1)
+        column = self.memory_size + state.block_fill
+        split = "b s n (h e) -> b n (s h) e"
+        state.heavy_keys[rows, :, column] = rearrange(keys, split, h=self.heads_per_set)[:, 0]
+        state.heavy_values[rows, :, column] = rearrange(values, split, h=self.heads_per_set)[:, 0]
+        state.heavy_mask[rows, :, column] = True
+        state.block_index[rows, state.block_fill] = seen
+        state.block_fill += 1
+        if seen == state.scores.shape[-1]:  # grow by doubling: amortised O(1) per token
+            state.scores = torch.cat((state.scores, torch.zeros_like(state.scores)), dim=-1)
+            state.token_mask = torch.cat((state.token_mask, torch.zeros_like(state.token_mask)), dim=-1)
+        state.scores[:, :, seen] = self.kv_router.scores(x)[:, :, 0]
+        state.token_mask[:, seen] = True
+        state.seen_tokens = seen + 1
 
         gate = self.q_router(x)
         q = self._routed_queries(x, torch.zeros_like(position_ids), position_ids, gate.weights)
-        memory_keys, memory_values = self._scale_memory(state.memory_keys, state.memory_values, state.memory_weights)
-        block_allowed = torch.arange(self.block_size, device=x.device) <= slot.unsqueeze(-1)  # (b, block)
-        allowed = torch.cat(
-            (state.memory_mask, block_allowed.unsqueeze(1).expand(-1, self.num_routed_kv, -1)), dim=-1
-        ).unsqueeze(2)
-        out = self._attend(
-            q,
-            torch.cat((memory_keys, state.block_keys), dim=2),
-            torch.cat((memory_values, state.block_values), dim=2),
-            allowed,
-        )
-        out = self.heavy_o_proj(out) * gate.weights.to(x.dtype).unsqueeze(-1)
-        return out + self._unrouted(gate.routed, x.dtype), state
+        heavy = F.scaled_dot_product_attention(q, state.heavy_keys, state.heavy_values, state.heavy_mask.unsqueeze(2))
+        heavy = self.heavy_o_proj(rearrange(heavy, "b h n e -> b n (h e)")) * gate.weights.to(x.dtype).unsqueeze(-1)
+        return light + heavy + self._unrouted(gate.routed, x.dtype)

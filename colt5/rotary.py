@@ -13,8 +13,8 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    """Cos/sin tables for arbitrary position tensors (nothing stored: frequencies are recomputed, which is cheap
-    and keeps the module free of buffers that meta-device loading would have to re-create)."""
+    """Cos/sin tables for arbitrary position tensors. The frequencies are a plain attribute, not a buffer, so that
+    meta-device loading has nothing to re-create; they are recomputed when the device changes."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
@@ -22,11 +22,18 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"rotary embeddings need an even head dimension, got {head_dim}.")
         self.head_dim = head_dim
         self.theta = theta
+        self._inv_freq: torch.Tensor | None = None
+
+    def _frequencies(self, device: torch.device) -> torch.Tensor:
+        # Cached because decoding calls this once per token and layer; meta tensors are never cached.
+        if self._inv_freq is None or self._inv_freq.device != device:
+            exponents = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
+            self._inv_freq = self.theta**-exponents
+        return self._inv_freq
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """`(...)` integer positions -> cos, sin of shape `(..., head_dim)` in `dtype` (computed in float32)."""
-        exponents = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float32) / self.head_dim
-        inv_freq = self.theta**-exponents
+        inv_freq = self._frequencies(positions.device)
         with torch.autocast(device_type=positions.device.type, enabled=False):
             angles = positions.float().unsqueeze(-1) * inv_freq
             angles = torch.cat((angles, angles), dim=-1)

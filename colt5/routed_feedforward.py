@@ -100,8 +100,13 @@ class CausalRoutedFeedForward(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """`x` `(batch, n, dim)`, `mask` `(batch, n)` bool (False = padding, never routed) -> `(batch, n, dim)`."""
         gate = self.router(x, mask)
+        weights = gate.weights.unsqueeze(-1).to(x.dtype)
+        if x.shape[1] == 1:
+            # Decoding: one token per sample. Weighting all of them (0 where not routed) avoids the device sync of
+            # selecting the routed ones, and reads the same weights.
+            return self.light_mlp(x) + self.heavy_mlp(x) * weights
         # Only the routed tokens go through the heavy MLP (their number varies, hence the flat selection).
         tokens = gate.routed.flatten().nonzero().squeeze(-1)
         flat = x.reshape(-1, x.shape[-1])
-        heavy = self.heavy_mlp(flat[tokens]) * gate.weights.flatten()[tokens].unsqueeze(-1).to(x.dtype)
+        heavy = self.heavy_mlp(flat[tokens]) * weights.view(-1, 1)[tokens]
         return self.light_mlp(x) + torch.zeros_like(flat).index_add(0, tokens, heavy).view_as(x)

@@ -190,7 +190,7 @@ class TokenScorer(nn.Module):
         """`(batch, n, dim)` tokens -> `(batch, sets, n)` scores."""
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return torch.einsum("bnd,sd->bsn", x.to(dtype), self.routing_vectors.to(dtype))
+            return (x.to(dtype) @ self.routing_vectors.to(dtype).T).transpose(1, 2)
 
 
 class CoordinateDescentRouter(TokenScorer):
