@@ -26,6 +26,7 @@ from local_attention import LocalAttention
 from torch import nn
 
 from .causal_router import ThresholdRouter, route_block_memory
+from .masked_sdpa import masked_sdpa
 from .rotary import RotaryEmbedding, apply_rotary
 from .router import TokenScorer, route
 
@@ -277,9 +278,7 @@ class CausalRoutedAttention(nn.Module):
         # Query slots left empty (no routed token) have nothing to attend to: let them see everything, unused.
         allowed = allowed | ~allowed.any(-1, keepdim=True)
         allowed = allowed.repeat_interleave(self.heads_per_set, dim=1) if self.num_routed_kv > 1 else allowed
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
-        )
+        out = masked_sdpa(q, keys, values, allowed, self.dropout if self.training else 0.0)
         return rearrange(out, "r h m e -> r m (h e)")
 
     def _unrouted(self, routed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
@@ -431,7 +430,7 @@ class CausalRoutedAttention(nn.Module):
         state.light_keys[:, :, ring_slot] = k[:, :, 0]
         state.light_values[:, :, ring_slot] = v[:, :, 0]
         state.light_mask[:, ring_slot] = True
-        light = F.scaled_dot_product_attention(q, state.light_keys, state.light_values, state.light_mask[:, None, None])
+        light = masked_sdpa(q, state.light_keys, state.light_values, state.light_mask[:, None, None])
         light = self.light_o_proj(rearrange(light, "b h n e -> b n (h e)"))
 
         # Heavy branch: re-route where a block just filled up, append the token to its block, attend.
@@ -456,6 +455,6 @@ class CausalRoutedAttention(nn.Module):
 
         gate = self.q_router(x)
         q = self._routed_queries(x, torch.zeros_like(position_ids), position_ids, gate.weights)
-        heavy = F.scaled_dot_product_attention(q, state.heavy_keys, state.heavy_values, state.heavy_mask.unsqueeze(2))
+        heavy = masked_sdpa(q, state.heavy_keys, state.heavy_values, state.heavy_mask.unsqueeze(2))
         heavy = self.heavy_o_proj(rearrange(heavy, "b h n e -> b n (h e)")) * gate.weights.to(x.dtype).unsqueeze(-1)
         return light + heavy + self._unrouted(gate.routed, x.dtype)

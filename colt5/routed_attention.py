@@ -13,11 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from local_attention import LocalAttention
 from torch import nn
 
+from .masked_sdpa import masked_sdpa
 from .rotary import RotaryEmbedding, apply_rotary
 from .router import CoordinateDescentRouter, gather_tokens, scatter_tokens
 
@@ -157,9 +157,7 @@ class ConditionalRoutedAttention(nn.Module):
         # queries are empty slots too, so nothing of it reaches the output.
         kv_mask = routed_kv.mask | ~routed_kv.mask.any(-1, keepdim=True)
         kv_mask = kv_mask.repeat_interleave(heads_per_set, dim=1).unsqueeze(2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=kv_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        out = masked_sdpa(q, k, v, kv_mask, self.dropout if self.training else 0.0)
         out = self.heavy_o_proj(rearrange(out, "b h n e -> b n (h e)")) * q_weights.unsqueeze(-1)
         heavy = scatter_tokens(out, q_indices, length)
         if self.unrouted_output is not None:
