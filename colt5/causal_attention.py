@@ -178,7 +178,7 @@ class CausalRoutedAttention(nn.Module):
             straight_through=router_kwargs.get("straight_through", False),
             momentum=router_momentum,
         )
-        self.kv_router = TokenScorer(dim, num_routed_kv)
+        self.kv_router = TokenScorer(dim, num_routed_kv, batch_invariant=True)
         self.unrouted_output = nn.Parameter(torch.zeros(dim)) if learned_unrouted_output else None
 
     def forward(

@@ -85,7 +85,7 @@ class ThresholdRouter(TokenScorer):
         straight_through: bool = False,
         momentum: float = 0.05,
     ):
-        super().__init__(dim, 1)
+        super().__init__(dim, 1, batch_invariant=True)
         if isinstance(fraction, bool) or not isinstance(fraction, float) or not 0 < fraction <= 1:
             raise ValueError(
                 f"A causal router routes a fraction of the tokens, a float in (0, 1]; got {fraction!r}."

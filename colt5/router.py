@@ -182,15 +182,22 @@ class TokenScorer(nn.Module):
     needs the precision.
     """
 
-    def __init__(self, dim: int, num_sets: int = 1):
+    def __init__(self, dim: int, num_sets: int = 1, *, batch_invariant: bool = False):
         super().__init__()
         self.routing_vectors = nn.Parameter(torch.randn(num_sets, dim) * dim**-0.5)
+        self.batch_invariant = batch_invariant
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """`(batch, n, dim)` tokens -> `(batch, sets, n)` scores."""
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        """`(batch, n, dim)` tokens -> `(batch, sets, n)` scores.
+
+        With `batch_invariant`, float32 scores are summed in float64 and rounded: a token then gets the same bits
+        whether it is scored alone (decoding) or with others (a full forward pass, whose matmul sums in another
+        order), which keeps ties between equal tokens broken alike in both.
+        """
+        dtype = torch.float64 if x.dtype == torch.float64 or self.batch_invariant else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return (x.to(dtype) @ self.routing_vectors.to(dtype).T).transpose(1, 2)
+            scores = (x.to(dtype) @ self.routing_vectors.to(dtype).T).transpose(1, 2)
+        return scores if x.dtype == torch.float64 else scores.float()
 
 
 class CoordinateDescentRouter(TokenScorer):

@@ -1,0 +1,802 @@
+"""Tests of the causal model: causality of every causal layer and of CoLT5ForCausalLM, cached generation
+(CoLT5Cache), the routed capacity of the per-token ThresholdRouters after training, saving and loading (also as
+remote code), the ByT5 text-generation pipeline, the language-model loss and the causal config checks.
+
+Every comparison runs in float32 on CPU with modules in eval mode (in train mode the ThresholdRouters update their
+running statistics on every forward pass, which would change later calls). Tolerances are stated at each check.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, ByT5Tokenizer, DynamicCache, pipeline
+
+from colt5 import (
+    CausalRoutedAttention,
+    CausalRoutedFeedForward,
+    CausalRoutedTransformerBlock,
+    CoLT5Cache,
+    CoLT5ForCausalLM,
+    ConditionalRoutedAttention,
+    RouterOutput,
+    ThresholdRouter,
+    causal_attention,
+    route,
+)
+
+VOCAB = 384  # ByT5's vocabulary size: 3 special tokens, 256 bytes, 125 extra ids
+DIM = 64  # hidden_size of the conftest TINY_CONFIG
+BLOCK = 16
+MEMORY = 12
+WINDOW = 8  # light_window_size of TINY_CONFIG
+TARGET = 0.25  # routed_query_tokens / routed_ff_tokens of TINY_CONFIG
+CAUSAL_ATOL = 1e-6  # max abs change at positions <= t allowed by the causality tests (fp32)
+CACHE_RTOL = 1e-4  # max|cached - full| / max|full| allowed for cached logits (fp32)
+
+
+@pytest.fixture
+def causal_config(tiny_config):
+    """Factory: a tiny causal config (vocab 384, blocks of 16, memory of 12, two routing sets, window 8).
+
+    Weights are initialised 10x larger than usual (std 0.2): at std 0.02 the tiny random model's greedy decoding
+    repeats one token whatever the context, which would hide cache errors."""
+
+    def make(**overrides):
+        settings = dict(
+            initializer_range=0.2,
+            is_causal=True,
+            vocab_size=VOCAB,
+            routed_kv_tokens=MEMORY,
+            causal_block_size=BLOCK,
+            num_kv_routing_sets=2,
+        )
+        return tiny_config(**{**settings, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def lm(causal_config):
+    return CoLT5ForCausalLM(causal_config()).eval()
+
+
+def random_ids(batch, n):
+    """Random byte/extra-id tokens, never pad (0) or eos (1)."""
+    return torch.randint(3, VOCAB, (batch, n))
+
+
+def distinct_ids(batch, n):
+    """Random tokens, no token twice in a row of the batch.
+
+    Used where cached logits are compared with a full forward pass: in the first layer equal tokens have equal
+    router scores, and the cache does not break such ties like the full forward pass does (see
+    `test_cache_breaks_ties_between_equal_tokens_like_the_full_forward`)."""
+    return torch.stack([torch.randperm(VOCAB - 3)[:n] + 3 for _ in range(batch)])
+
+
+def left_pad(prompts, pad_id=0):
+    """Left-pad a list of 1-D prompts into `(ids, attention_mask)`."""
+    n = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), n, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, n - len(prompt) :] = prompt
+        mask[row, n - len(prompt) :] = 1
+    return ids, mask
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def record_routing(model):
+    """Forward hooks on every ThresholdRouter of `model`: name -> list of `(routed, mask)` per call."""
+    records, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, ThresholdRouter):
+            records[name] = []
+
+            def hook(module, args, output, name=name):
+                mask = args[1] if len(args) > 1 and args[1] is not None else torch.ones_like(output.routed)
+                records[name].append((output.routed.detach(), mask.bool()))
+
+            handles.append(module.register_forward_hook(hook))
+    return records, handles
+
+
+def routed_fractions(records):
+    """Share of valid tokens routed by each recorded router."""
+    fractions = {}
+    for name, calls in records.items():
+        routed = sum(int((r & m).sum()) for r, m in calls)
+        valid = sum(int(m.sum()) for _, m in calls)
+        fractions[name] = routed / valid
+    return fractions
+
+
+# ===================================================================================================== causality
+
+LAYER_CASES = [
+    *[("attention", sets, n_iters) for sets in (1, 2) for n_iters in (None, 5)],
+    *[("block", sets, n_iters) for sets in (1, 2) for n_iters in (None, 5)],
+    ("feedforward", 1, None),  # the feedforward router is per token: no routing sets, no iterations
+]
+
+
+def make_causal_layer(kind, sets=2, n_iters=None):
+    router_kwargs = {} if n_iters is None else {"n_iters": n_iters}
+    attention = dict(
+        memory_size=MEMORY,
+        block_size=BLOCK,
+        light_heads=2,
+        light_dim_head=16,
+        light_window_size=WINDOW,
+        heavy_heads=4,
+        heavy_dim_head=16,
+        num_routed_kv=sets,
+        router_kwargs=router_kwargs,
+    )
+    if kind == "attention":
+        return CausalRoutedAttention(DIM, routed_query_fraction=TARGET, **attention)
+    if kind == "feedforward":
+        return CausalRoutedFeedForward(DIM, fraction=TARGET, light_hidden_dim=32, heavy_hidden_dim=128)
+    if kind == "block":
+        return CausalRoutedTransformerBlock(
+            DIM,
+            routed_query_fraction=TARGET,
+            routed_ff_fraction=TARGET,
+            light_ff_hidden_dim=32,
+            heavy_ff_hidden_dim=128,
+            **attention,
+        )
+    raise AssertionError(kind)
+
+
+def layer_output(layer, x, mask=None):
+    """Output of a causal layer (attention and block return `(out, state)`) or of an encoder attention layer."""
+    out = layer(x, mask)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def positions_to_check(n):
+    """Positions t: the first token, inside blocks, both sides of every block edge, the last but one token,
+    and three random ones."""
+    fixed = [0, 7, 15, 16, 31, 32, n - 2]
+    return sorted(set(fixed + torch.randint(1, n - 1, (3,)).tolist()))
+
+
+def prefix_and_suffix_changes(fn, x, t, perturb):
+    """Max abs change of `fn` at positions <= t and after t when `perturb(x, t)` replaces what follows t."""
+    with torch.no_grad():
+        reference = fn(x)
+        changed = fn(perturb(x, t))
+    prefix = (changed[:, : t + 1] - reference[:, : t + 1]).abs().max().item()
+    suffix = (changed[:, t + 1 :] - reference[:, t + 1 :]).abs().max().item()
+    return prefix, suffix
+
+
+def perturb_features(x, t):
+    x = x.clone()
+    x[:, t + 1 :] = torch.randn_like(x[:, t + 1 :])
+    return x
+
+
+def perturb_tokens(ids, t):
+    ids = ids.clone()
+    ids[:, t + 1 :] = random_ids(ids.shape[0], ids.shape[1] - t - 1)
+    return ids
+
+
+@pytest.mark.parametrize("kind, sets, n_iters", LAYER_CASES)
+def test_layer_outputs_do_not_depend_on_later_tokens(kind, sets, n_iters):
+    layer = make_causal_layer(kind, sets, n_iters).eval()
+    n = 48  # three blocks of 16: the routed memory of blocks 1 and 2 is in play
+    x = torch.randn(2, n, DIM)
+    records, _ = record_routing(layer)
+    for t in positions_to_check(n):
+        prefix, suffix = prefix_and_suffix_changes(lambda inp: layer_output(layer, inp), x, t, perturb_features)
+        assert prefix <= CAUSAL_ATOL, f"t={t}: outputs at positions <= t changed by {prefix}"
+        assert suffix > 1e-3, f"t={t}: the perturbation after t changed nothing ({suffix})"
+    # The heavy branches took part: every per-token router routed some tokens.
+    assert records and all(sum(int(r.sum()) for r, _ in calls) > 0 for calls in records.values())
+
+
+@pytest.mark.parametrize("sets", [1, 2])
+@pytest.mark.parametrize("router_iterations", [None, 5])
+def test_causal_lm_logits_do_not_depend_on_later_tokens(causal_config, sets, router_iterations):
+    # Standard initialisation (std 0.02): logits of size ~1, so that 1e-6 is well above float32 rounding.
+    config = causal_config(initializer_range=0.02, num_kv_routing_sets=sets, router_iterations=router_iterations)
+    model = CoLT5ForCausalLM(config).eval()
+    n = 50
+    ids = random_ids(2, n)
+    for t in positions_to_check(n):
+        prefix, suffix = prefix_and_suffix_changes(lambda inp: model(inp).logits, ids, t, perturb_tokens)
+        assert prefix <= CAUSAL_ATOL, f"t={t}: logits at positions <= t changed by {prefix}"
+        assert suffix > 1e-3, f"t={t}: the perturbation after t changed nothing ({suffix})"
+
+
+def test_router_iterations_change_the_causal_model(causal_config):
+    """The iterative soft top-k (router_iterations=5) is a different router mode from the exact one: with the same
+    weights the logits differ, so the causality tests above do cover two modes."""
+    exact = CoLT5ForCausalLM(causal_config()).eval()
+    iterative = CoLT5ForCausalLM(causal_config(router_iterations=5)).eval()
+    iterative.load_state_dict(exact.state_dict())
+    ids = random_ids(2, 50)
+    with torch.no_grad():
+        difference = (iterative(ids).logits - exact(ids).logits).abs().max().item()
+    assert difference > 1e-5
+
+
+@pytest.mark.parametrize("router_iterations", [None, 5])
+def test_left_padded_batch_is_causal_at_valid_positions(causal_config, router_iterations):
+    """Changing later valid tokens leaves every valid logit at positions <= t unchanged (fp32, 1e-6).
+
+    Padding positions are left out: their outputs are not defined (a padding query has no valid key in its light
+    window and falls back to attending to everything in it), and nothing valid reads them."""
+    model = CoLT5ForCausalLM(causal_config(initializer_range=0.02, router_iterations=router_iterations)).eval()
+    n = 50
+    ids, mask = left_pad([random_ids(1, 38)[0], random_ids(1, 45)[0], random_ids(1, n)[0]])
+    valid = mask.bool()
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits
+    # Valid index 15/16 and 31/32 (the block edges) of the first sample are padded positions 27/28 and 43/44.
+    for t in [5, 11, 12, 15, 16, 20, 27, 28, 31, 32, 43, 44, 48]:
+        changed_ids = ids.clone()
+        later = valid.clone()
+        later[:, : t + 1] = False
+        changed_ids[later] = random_ids(1, int(later.sum()))[0]
+        with torch.no_grad():
+            changed = model(changed_ids, attention_mask=mask).logits
+        before = valid.clone()
+        before[:, t + 1 :] = False
+        prefix = (changed[before] - reference[before]).abs().max().item()
+        suffix = (changed[later] - reference[later]).abs().max().item()
+        assert prefix <= CAUSAL_ATOL, f"t={t}: valid logits at positions <= t changed by {prefix}"
+        assert suffix > 1e-3, f"t={t}: the perturbation after t changed nothing ({suffix})"
+
+
+def test_left_padded_sample_equals_sample_alone(lm):
+    """Blocks count valid tokens, so left padding changes no valid logit (fp32, atol 1e-5)."""
+    short, long = random_ids(1, 37)[0], random_ids(1, 50)[0]
+    ids, mask = left_pad([short, long])
+    with torch.no_grad():
+        batched = lm(ids, attention_mask=mask).logits
+        alone = lm(short[None]).logits
+    torch.testing.assert_close(batched[0, 13:], alone[0], atol=1e-5, rtol=0)
+
+
+def test_causality_check_detects_an_encoder_layer():
+    """Mutation check: the same check on the non-causal ConditionalRoutedAttention sees earlier outputs change."""
+    layer = ConditionalRoutedAttention(
+        DIM,
+        num_heavy_tokens_q=TARGET,
+        num_heavy_tokens_kv=MEMORY,
+        light_heads=2,
+        light_dim_head=16,
+        light_window_size=WINDOW,
+        heavy_heads=4,
+        heavy_dim_head=16,
+        num_routed_kv=2,
+    ).eval()
+    x = torch.randn(2, 48, DIM)
+    for t in (15, 16, 31, 32):
+        prefix, _ = prefix_and_suffix_changes(lambda inp: layer_output(layer, inp), x, t, perturb_features)
+        assert prefix > 1e-3, f"t={t}: the encoder layer looked causal ({prefix})"
+
+
+def test_causality_check_detects_a_memory_routed_from_the_future(monkeypatch):
+    """Mutation check: a causal layer whose key/value memory is routed from the whole sequence (later tokens
+    included) fails the causality check, although its light branch and query routing stay causal."""
+    original = causal_attention.route_block_memory
+
+    def leaky_route_block_memory(scores, valid, block_size, memory_size, **route_kwargs):
+        blocks = original(scores, valid, block_size, memory_size, **route_kwargs).indices.shape[1]
+        everything = route(scores, memory_size, valid, **route_kwargs)
+        return RouterOutput(*(t.unsqueeze(1).expand(-1, blocks, -1, -1).contiguous() for t in everything))
+
+    layer = make_causal_layer("attention").eval()
+    x = torch.randn(2, 48, DIM)
+    honest = [prefix_and_suffix_changes(lambda inp: layer_output(layer, inp), x, t, perturb_features)[0]
+              for t in (15, 16, 31, 32)]
+    monkeypatch.setattr(causal_attention, "route_block_memory", leaky_route_block_memory)
+    leaky = [prefix_and_suffix_changes(lambda inp: layer_output(layer, inp), x, t, perturb_features)[0]
+             for t in (15, 16, 31, 32)]
+    assert max(honest) <= CAUSAL_ATOL
+    assert max(leaky) > 1e-3, leaky
+
+
+# ===================================================================================================== cache
+
+
+@pytest.mark.parametrize("router_iterations", [None, 5])
+def test_greedy_generation_is_the_same_with_and_without_cache(causal_config, router_iterations):
+    model = CoLT5ForCausalLM(causal_config(router_iterations=router_iterations)).eval()
+    prompt = random_ids(2, 20)
+    new = 70  # 20 + 70 tokens cross the block edges at 32, 48, 64 and 80
+    settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    cached = model.generate(prompt, use_cache=True, **settings)
+    uncached = model.generate(prompt, use_cache=False, **settings)
+    assert cached.shape == (2, 20 + new)
+    assert torch.equal(cached[:, :20], prompt)
+    assert torch.equal(cached, uncached)
+    assert cached[:, 20:].unique().numel() > 5  # not a degenerate repetition of one token
+
+
+def step_logits(model, ids, prompt_length, chunk=1, cache=None):
+    """Logits of `ids` from a cached prefill of `prompt_length` tokens, then `chunk` tokens per cached step."""
+    with torch.no_grad():
+        out = model(ids[:, :prompt_length], past_key_values=cache, use_cache=True)
+        logits, cache = [out.logits], out.past_key_values
+        for start in range(prompt_length, ids.shape[1], chunk):
+            out = model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True)
+            assert out.past_key_values is cache
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1), cache
+
+
+@pytest.mark.parametrize(
+    "prompt_length, chunk, overrides",
+    [
+        (20, 1, {}),
+        (16, 1, {}),  # a prompt of exactly one block
+        (32, 1, {}),  # two blocks
+        (5, 1, {}),  # shorter than the light window (8)
+        (10, 1, {}),  # shorter than the memory (12)
+        (1, 1, {}),
+        (20, 7, {}),  # several new tokens per cached step (some steps cross a block edge)
+        (20, 1, dict(router_iterations=5)),
+        (16, 1, dict(num_kv_routing_sets=1)),
+    ],
+)
+def test_cached_logits_match_the_full_forward(causal_config, prompt_length, chunk, overrides):
+    model = CoLT5ForCausalLM(causal_config(**overrides)).eval()
+    ids = distinct_ids(2, 72)
+    with torch.no_grad():
+        full = model(ids).logits
+    cached, cache = step_logits(model, ids, prompt_length, chunk)
+    assert cached.shape == full.shape
+    assert relative_error(cached, full) <= CACHE_RTOL
+    assert cache.get_seq_length() == 72
+    assert cache.valid_counts == [72, 72]
+
+
+def test_left_padded_prompts_generate_what_each_prompt_generates_alone(lm):
+    prompts = [random_ids(1, 13)[0], random_ids(1, 20)[0], random_ids(1, 7)[0]]
+    ids, mask = left_pad(prompts)
+    new = 40  # crosses block edges in every sample
+    settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    batched = lm.generate(ids, attention_mask=mask, **settings)
+    for row, prompt in enumerate(prompts):
+        alone = lm.generate(prompt[None], **settings)
+        assert torch.equal(batched[row, ids.shape[1] :], alone[0, len(prompt) :]), f"sample {row}"
+
+
+def test_left_padded_prompt_cached_logits_match_the_sample_alone(lm):
+    """Prefill a left-padded batch, decode token by token: each sample's logits match its own full forward pass
+    (fp32, relative error 1e-4); padding never counts towards the blocks."""
+    tokens = distinct_ids(2, 56)
+    prompts, continuation = [tokens[0, :9], tokens[1, :16]], tokens[:, 16:]
+    ids, mask = left_pad(prompts)
+    with torch.no_grad():
+        out = lm(ids, attention_mask=mask, use_cache=True)
+        logits, cache = [out.logits[:, -1:]], out.past_key_values
+        for i in range(continuation.shape[1] - 1):
+            mask = torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), dim=1)
+            out = lm(continuation[:, i : i + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+        cached = torch.cat(logits, dim=1)
+        assert cache.valid_counts == [9 + 39, 16 + 39]
+        for row, prompt in enumerate(prompts):
+            full = lm(torch.cat((prompt, continuation[row]))[None]).logits[0, len(prompt) - 1 : -1]
+            assert relative_error(cached[row], full) <= CACHE_RTOL, f"sample {row}"
+
+
+def test_beam_search_is_the_same_with_and_without_cache(lm):
+    prompt = random_ids(2, 20)
+    settings = dict(max_new_tokens=30, min_new_tokens=30, num_beams=3, do_sample=False)
+    cached = lm.generate(prompt, use_cache=True, **settings)
+    uncached = lm.generate(prompt, use_cache=False, **settings)
+    assert cached.shape == (2, 50)
+    assert torch.equal(cached, uncached)
+    greedy = lm.generate(prompt, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    assert not torch.equal(cached, greedy)  # the beams did change the result: reordering was exercised
+
+
+def test_sampling_with_several_return_sequences(lm):
+    prompt = random_ids(2, 20)
+    settings = dict(max_new_tokens=30, min_new_tokens=30, do_sample=True, top_k=20, num_return_sequences=2)
+    torch.manual_seed(1)
+    cached = lm.generate(prompt, use_cache=True, **settings)
+    torch.manual_seed(1)
+    uncached = lm.generate(prompt, use_cache=False, **settings)
+    assert cached.shape == (4, 50)
+    assert torch.equal(cached[:, :20], prompt.repeat_interleave(2, dim=0))
+    assert ((cached >= 0) & (cached < VOCAB)).all()
+    assert not torch.equal(cached[0], cached[1])  # two different samples of the same prompt
+    assert torch.equal(cached, uncached)  # same random draws, same logits (to fp32 noise): same tokens
+
+
+def test_a_colt5_cache_passed_by_the_user_is_used(lm):
+    prompt = random_ids(2, 20)
+    settings = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    cache = CoLT5Cache(lm.config)
+    generated = lm.generate(prompt, past_key_values=cache, **settings)
+    assert torch.equal(generated, lm.generate(prompt, **settings))
+    assert cache.get_seq_length() >= 20 + 40 - 1  # the prompt and the new tokens went through this cache
+    assert len(cache.valid_counts) == 2
+
+    ids = distinct_ids(2, 60)
+    with torch.no_grad():
+        full = lm(ids).logits
+    cache = CoLT5Cache(lm.config)
+    cached, returned = step_logits(lm, ids, 20, cache=cache)
+    assert returned is cache
+    assert relative_error(cached, full) <= CACHE_RTOL
+
+
+def test_a_dynamic_cache_is_refused(lm):
+    with pytest.raises(ValueError, match="CoLT5Cache"):
+        lm(random_ids(1, 10), past_key_values=DynamicCache(), use_cache=True)
+
+
+def test_padding_in_a_cached_step_is_refused(lm):
+    with torch.no_grad():
+        cache = lm(random_ids(1, 20), use_cache=True).past_key_values
+        ok = torch.ones(1, 21, dtype=torch.long)
+        lm(random_ids(1, 1), attention_mask=ok, past_key_values=copy.deepcopy(cache), use_cache=True)
+        with pytest.raises(ValueError, match="must all be valid"):
+            lm(random_ids(1, 1), attention_mask=torch.cat((ok[:, :20], ok[:, :1] * 0), 1), past_key_values=cache)
+
+
+def test_crop_is_not_supported(lm):
+    with torch.no_grad():
+        cache = lm(random_ids(1, 20), use_cache=True).past_key_values
+    with pytest.raises(NotImplementedError):
+        cache.crop(10)
+    with pytest.raises(NotImplementedError):
+        cache.crop(-1)
+
+
+def test_reorder_cache_swaps_the_samples(lm):
+    """Reordering a 2-sample cache with [1, 0] swaps the next-step logits (fp32, atol 1e-5), also across the next
+    block edge of each sample (valid lengths 20 and 14 differ, so their valid counts must be swapped too)."""
+    tokens = distinct_ids(2, 26)
+    ids, mask = left_pad([tokens[0, :20], tokens[1, :14]])
+    continuation = tokens[:, 20:]  # the second sample crosses its block edge at 16, the first does not
+    with torch.no_grad():
+        cache = lm(ids, attention_mask=mask, use_cache=True).past_key_values
+    swapped = copy.deepcopy(cache)
+    swapped.reorder_cache(torch.tensor([1, 0]))
+    assert swapped.valid_counts == [14, 20]
+
+    def decode(cache, tokens, mask):
+        logits = []
+        with torch.no_grad():
+            for i in range(tokens.shape[1]):
+                mask = torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), dim=1)
+                out = lm(tokens[:, i : i + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
+                logits.append(out.logits)
+        return torch.cat(logits, dim=1)
+
+    straight = decode(cache, continuation, mask)
+    reordered = decode(swapped, continuation.flip(0), mask.flip(0))
+    assert (straight[0] - straight[1]).abs().max() > 1e-2  # the two samples differ
+    torch.testing.assert_close(reordered, straight.flip(0), atol=1e-5, rtol=0)  # logits up to ~7
+
+
+def test_cache_breaks_ties_between_equal_tokens_like_the_full_forward(causal_config):
+    """A token A at position 5 (prefill) and again at position 20 (decoded) ties for the last slot of the memory of
+    block 2 (the top 12 of positions 0..31 by first-layer score). The full forward pass keeps position 5; the
+    cached logits must match it (fp32, relative error 1e-4) for every choice of A, in three random models (whether
+    the last bits favour the decoded copy varies with A and the weights)."""
+    errors = []
+    for _ in range(3):
+        model = CoLT5ForCausalLM(causal_config(num_kv_routing_sets=1)).eval()
+        first = model.model.layers[0]
+        with torch.no_grad():
+            embeddings = first.attention_norm(model.model.embed_tokens.weight[None])
+            by_score = first.attention.kv_router.scores(embeddings)[0, 0, 3:].argsort(descending=True) + 3
+        for k in range(16):
+            better, tied, low = by_score[k : k + 11], by_score[k + 11], by_score[200:]
+            ids = low[:48].clone()
+            ids[[0, 2, 8, 10, 12, 14, 17, 22, 25, 28, 30]] = better  # 11 tokens that beat A, in both parts
+            ids[[5, 20]] = tied
+            with torch.no_grad():
+                full = model(ids[None]).logits
+            cached, _ = step_logits(model, ids[None], 16)
+            errors.append(relative_error(cached, full))
+            assert errors[-1] <= CACHE_RTOL, errors
+
+
+# ===================================================================================================== routing capacity
+
+
+def train_briefly(model, steps, lr, batch=4, n=64):
+    """AdamW on random tokens, learning rate decayed linearly to 0, model in train mode."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    for _ in range(steps):
+        ids = random_ids(batch, n)
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    return loss
+
+
+def eval_fractions(model, ids, mask=None):
+    model.eval()
+    records, handles = record_routing(model)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    for handle in handles:
+        handle.remove()
+    return routed_fractions(records)
+
+
+def test_routers_route_the_target_fraction_after_training(causal_config):
+    """40 AdamW steps (lr 1e-2) then 30 forward passes in train mode with the weights frozen (the running
+    statistics settle on the final weights); on fresh, partly padded data in eval mode every ThresholdRouter
+    routes 25% of the valid tokens within 25% (relative), and its threshold moved away from the initial one."""
+    model = CoLT5ForCausalLM(causal_config(initializer_range=0.02, causal_router_momentum=0.2))
+    routers = {name: m for name, m in model.named_modules() if isinstance(m, ThresholdRouter)}
+    assert sorted(routers) == [
+        f"model.layers.{i}.{part}" for i in range(2) for part in ("attention.q_router", "feedforward.router")
+    ]
+    initial = {name: (r.threshold.clone(), r.shift.clone()) for name, r in routers.items()}
+    loss = train_briefly(model, steps=40, lr=1e-2)
+    assert torch.isfinite(loss)
+    model.train()
+    with torch.no_grad():
+        for _ in range(30):
+            model(random_ids(4, 64))
+
+    # Decisions within a sequence are correlated: many sequences make the measured fraction precise.
+    ids, mask = left_pad([random_ids(1, n)[0] for n in torch.randint(64, 129, (32,)).tolist()])
+    fractions = eval_fractions(model, ids, mask)
+    for name, fraction in fractions.items():
+        assert abs(fraction - TARGET) <= 0.25 * TARGET, f"{name} routed {fraction:.3f} of the tokens"
+        assert (routers[name].threshold - initial[name][0]).abs() > 1e-3, f"{name}: threshold never updated"
+        assert (routers[name].shift - initial[name][1]).abs() > 1e-3, f"{name}: shift never updated"
+
+    # The check can fail: with the initial thresholds back, the trained model routes far from the target.
+    with torch.no_grad():
+        for name, router in routers.items():
+            router.threshold.copy_(initial[name][0])
+    stale = eval_fractions(model, ids, mask)
+    assert max(abs(fraction - TARGET) for fraction in stale.values()) > 0.25 * TARGET, stale
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="known weakness (README, 'Not yet here'): the ThresholdRouter's running threshold lags the scores, which "
+    "drift as a whole during training (the router weights exp(min(0, s + shift)) reward raising every score), so right after a short "
+    "training run a router routes far more or fewer tokens than its target.",
+)
+def test_routers_route_the_target_fraction_right_after_training(causal_config):
+    """Measured right after 40 AdamW steps (lr 1e-2 decayed linearly to 0) with the default momentum (0.05)."""
+    model = CoLT5ForCausalLM(causal_config(initializer_range=0.02))
+    train_briefly(model, steps=40, lr=1e-2)
+    fractions = eval_fractions(model, random_ids(32, 128))
+    assert all(abs(f - TARGET) <= 0.25 * TARGET for f in fractions.values()), fractions
+
+
+# ===================================================================================================== save / load
+
+
+def distinctive_router_statistics(model):
+    """Give every ThresholdRouter its own threshold and shift, far from the initial ones; returns them."""
+    values = {}
+    with torch.no_grad():
+        for i, (name, router) in enumerate(
+            (n, m) for n, m in model.named_modules() if isinstance(m, ThresholdRouter)
+        ):
+            router.threshold.fill_(0.3 + 0.1 * i)
+            router.shift.fill_(-1.2 - 0.1 * i)
+            values[name] = (router.threshold.clone(), router.shift.clone())
+    return values
+
+
+def router_statistics(model):
+    return {n: (m.threshold, m.shift) for n, m in model.named_modules() if isinstance(m, ThresholdRouter)}
+
+
+def test_save_and_reload_generates_the_same_tokens(causal_config, tmp_path):
+    model = CoLT5ForCausalLM(causal_config()).eval()
+    expected_statistics = distinctive_router_statistics(model)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is CoLT5ForCausalLM
+    assert not loaded.training
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+    saved, reloaded = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == reloaded.keys()
+    for key in saved:
+        assert torch.equal(saved[key], reloaded[key]), key
+    statistics = router_statistics(loaded)
+    assert statistics.keys() == expected_statistics.keys() and len(statistics) == 4
+    for name, (threshold, shift) in statistics.items():
+        assert torch.equal(threshold, expected_statistics[name][0]), name
+        assert torch.equal(shift, expected_statistics[name][1]), name
+
+    prompt = random_ids(2, 20)
+    settings = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    assert torch.equal(loaded.generate(prompt, **settings), model.generate(prompt, **settings))
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["colt5"] = None  # the package must not be importable: the checkpoint's own code is used
+    try:
+        import colt5
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("colt5 is importable")
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_dir, inputs_file, output_file = sys.argv[1:4]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
+    assert type(model).__name__ == "CoLT5ForCausalLM", type(model)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert "colt5" not in {name.split(".")[0] for name, module in sys.modules.items() if module is not None}
+
+    inputs = torch.load(inputs_file)
+    generated = model.generate(inputs["prompt"], **inputs["settings"])
+    if not torch.equal(generated, inputs["expected"]):
+        raise SystemExit(f"different tokens: {generated.tolist()} != {inputs['expected'].tolist()}")
+    statistics = {n: (m.threshold, m.shift) for n, m in model.named_modules() if type(m).__name__ == "ThresholdRouter"}
+    torch.save({"generated": generated, "statistics": statistics}, output_file)
+    print("REMOTE OK")
+    """
+)
+
+
+def test_generate_as_remote_code_without_the_package(causal_config, tmp_path):
+    model = CoLT5ForCausalLM(causal_config()).eval()
+    expected_statistics = distinctive_router_statistics(model)
+    model.save_pretrained(tmp_path / "model")
+    prompt = random_ids(2, 20)
+    settings = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    expected = model.generate(prompt, **settings)
+    torch.save(dict(prompt=prompt, settings=settings, expected=expected), tmp_path / "inputs.pt")
+    (tmp_path / "remote.py").write_text(REMOTE_SCRIPT)
+    hf_home = tmp_path / "hf_home"
+    hf_home.mkdir()
+    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
+    env.pop("HF_MODULES_CACHE", None)
+
+    result = subprocess.run(
+        [sys.executable, "remote.py", "model", "inputs.pt", "outputs.pt"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "REMOTE OK" in result.stdout
+    assert any(hf_home.rglob("causal_attention.py"))  # the checkpoint's code ran from the modules cache
+
+    remote = torch.load(tmp_path / "outputs.pt")
+    assert torch.equal(remote["generated"], expected)
+    assert remote["statistics"].keys() == expected_statistics.keys()
+    for name, (threshold, shift) in remote["statistics"].items():
+        assert torch.equal(threshold, expected_statistics[name][0]), name
+        assert torch.equal(shift, expected_statistics[name][1]), name
+
+
+# ===================================================================================================== ByT5 pipeline
+
+
+def test_byt5_text_generation_pipeline(causal_config):
+    config = causal_config()
+    assert (config.vocab_size, config.pad_token_id, config.eos_token_id) == (384, 0, 1)
+    model = CoLT5ForCausalLM(config).eval()
+    tokenizer = ByT5Tokenizer()  # byte-level: no vocabulary file to download
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    prompt = "Hello, CoLT5!"
+
+    text = generator(prompt, max_new_tokens=20, do_sample=False)[0]["generated_text"]
+    assert text.startswith(prompt)
+
+    # Restricted to lowercase letters, every new token shows in the text: it is exactly what generate() gives.
+    # (add_special_tokens=False: by default the pipeline lets ByT5's tokenizer append </s> to the prompt.)
+    letters = {ord(c) + 3 for c in "abcdefghijklmnopqrstuvwxyz"}  # ByT5: byte b is token b + 3
+    suppress = [token for token in range(VOCAB) if token not in letters]
+    settings = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, suppress_tokens=suppress)
+    text = generator(prompt, add_special_tokens=False, **settings)[0]["generated_text"]
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    expected = model.generate(ids, **settings)
+    assert text == prompt + tokenizer.decode(expected[0, ids.shape[1] :])
+    assert len(text) == len(prompt) + 20 and text[len(prompt) :].isalpha() and text[len(prompt) :].islower()
+
+
+# ===================================================================================================== loss
+
+
+def test_loss_is_the_shifted_cross_entropy(lm):
+    ids = random_ids(2, 40)
+    out = lm(ids, labels=ids)
+    expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=0)
+
+
+def test_loss_ignores_minus_100_and_honours_num_items_in_batch(lm):
+    ids = random_ids(2, 40)
+    labels = ids.clone()
+    labels[0, 5:17] = -100
+    labels[1, :9] = -100
+    out = lm(ids, labels=labels)
+    logits, targets = out.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1)
+    expected = F.cross_entropy(logits, targets, ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected, atol=1e-6, rtol=0)
+    assert (out.loss - lm(ids, labels=ids).loss).abs() > 1e-4  # the ignored positions did count before
+
+    total = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    counted = int((targets != -100).sum())
+    for k in (counted, 100, torch.tensor(7)):
+        loss = lm(ids, labels=labels, num_items_in_batch=k).loss
+        torch.testing.assert_close(loss, total / k, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lm(ids, labels=labels, num_items_in_batch=counted).loss, out.loss, atol=1e-6, rtol=0)
+
+
+def test_embeddings_are_tied_by_default(causal_config):
+    model = CoLT5ForCausalLM(causal_config())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    untied = CoLT5ForCausalLM(causal_config(tie_word_embeddings=False))
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+# ===================================================================================================== config
+
+
+def test_causal_lm_refuses_an_encoder_config(tiny_config):
+    with pytest.raises(ValueError, match="is_causal"):
+        CoLT5ForCausalLM(tiny_config(vocab_size=VOCAB))
+
+
+def test_hidden_states_output(lm):
+    ids = random_ids(2, 40)
+    with torch.no_grad():
+        out = lm(ids, output_hidden_states=True)
+    hidden = out.hidden_states
+    assert len(hidden) == lm.config.num_hidden_layers + 1
+    assert all(h.shape == (2, 40, DIM) for h in hidden)
+    assert torch.equal(hidden[0], lm.model.embed_tokens(ids))
+    assert not torch.equal(hidden[1], hidden[2])
+    # The last one is the last layer's output: the final norm and the head turn it into the logits.
+    torch.testing.assert_close(lm.lm_head(lm.model.norm(hidden[-1])), out.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(router_iterations=5, learned_unrouted_query_output=True)])
+def test_every_parameter_gets_a_finite_gradient(causal_config, overrides):
+    model = CoLT5ForCausalLM(causal_config(**overrides)).train()
+    ids = random_ids(2, 64)
+    records, _ = record_routing(model)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    # Routing vectors only get a gradient through routed tokens' weights: make sure there were some.
+    assert all(sum(int(r.sum()) for r, _ in calls) > 0 for calls in records.values())
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert sum(name.endswith("routing_vectors") for name in names) == 3 * model.config.num_hidden_layers
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None, f"{name} got no gradient"
+            assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
+            assert param.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
