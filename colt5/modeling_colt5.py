@@ -25,6 +25,28 @@ from .routed_block import CausalRoutedTransformerBlock, ConditionalRoutedTransfo
 from .router import TokenScorer
 
 
+def _block_kwargs(config: CoLT5Config) -> dict:
+    """The block settings the encoder and causal layers share."""
+    return dict(
+        light_ff_hidden_dim=config.light_intermediate_size,
+        heavy_ff_hidden_dim=config.heavy_intermediate_size,
+        activation=ACT2FN[config.hidden_act],
+        norm_eps=config.rms_norm_eps,
+        dropout=config.hidden_dropout,
+        attention_dropout=config.attention_dropout,
+        light_heads=config.light_num_heads,
+        light_dim_head=config.light_head_dim,
+        light_window_size=config.light_window_size,
+        heavy_heads=config.heavy_num_heads,
+        heavy_dim_head=config.heavy_head_dim,
+        num_routed_kv=config.num_kv_routing_sets,
+        multiply_keys_by_score=config.multiply_keys_by_score,
+        multiply_queries_by_score=config.multiply_queries_by_score,
+        learned_unrouted_output=config.learned_unrouted_query_output,
+        rotary_theta=config.rope_theta,
+    )
+
+
 class CoLT5Layer(ConditionalRoutedTransformerBlock, GradientCheckpointingLayer):
     """One CoLT5 encoder block built from the config (gradient checkpointing comes from
     `GradientCheckpointingLayer`)."""
@@ -35,23 +57,8 @@ class CoLT5Layer(ConditionalRoutedTransformerBlock, GradientCheckpointingLayer):
             num_heavy_tokens_q=config.routed_query_tokens,
             num_heavy_tokens_kv=config.routed_kv_tokens,
             num_heavy_ff_tokens=config.routed_ff_tokens,
-            light_ff_hidden_dim=config.light_intermediate_size,
-            heavy_ff_hidden_dim=config.heavy_intermediate_size,
-            activation=ACT2FN[config.hidden_act],
-            norm_eps=config.rms_norm_eps,
-            dropout=config.hidden_dropout,
-            attention_dropout=config.attention_dropout,
             router_kwargs=config.router_kwargs(),
-            light_heads=config.light_num_heads,
-            light_dim_head=config.light_head_dim,
-            light_window_size=config.light_window_size,
-            heavy_heads=config.heavy_num_heads,
-            heavy_dim_head=config.heavy_head_dim,
-            num_routed_kv=config.num_kv_routing_sets,
-            multiply_keys_by_score=config.multiply_keys_by_score,
-            multiply_queries_by_score=config.multiply_queries_by_score,
-            learned_unrouted_output=config.learned_unrouted_query_output,
-            rotary_theta=config.rope_theta,
+            **_block_kwargs(config),
         )
         self.layer_idx = layer_idx
 
@@ -66,24 +73,9 @@ class CoLT5CausalLayer(CausalRoutedTransformerBlock, GradientCheckpointingLayer)
             routed_ff_fraction=config.routed_ff_tokens,
             memory_size=config.routed_memory_size(),
             block_size=config.causal_block_size,
-            light_ff_hidden_dim=config.light_intermediate_size,
-            heavy_ff_hidden_dim=config.heavy_intermediate_size,
-            activation=ACT2FN[config.hidden_act],
-            norm_eps=config.rms_norm_eps,
-            dropout=config.hidden_dropout,
-            attention_dropout=config.attention_dropout,
             router_kwargs={k: v for k, v in config.router_kwargs().items() if k != "route_block_size"},
             router_momentum=config.causal_router_momentum,
-            light_heads=config.light_num_heads,
-            light_dim_head=config.light_head_dim,
-            light_window_size=config.light_window_size,
-            heavy_heads=config.heavy_num_heads,
-            heavy_dim_head=config.heavy_head_dim,
-            num_routed_kv=config.num_kv_routing_sets,
-            multiply_keys_by_score=config.multiply_keys_by_score,
-            multiply_queries_by_score=config.multiply_queries_by_score,
-            learned_unrouted_output=config.learned_unrouted_query_output,
-            rotary_theta=config.rope_theta,
+            **_block_kwargs(config),
         )
         self.layer_idx = layer_idx
 
