@@ -15,19 +15,18 @@ and values of the old memory and the finished block (the new memory is the top o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from local_attention import LocalAttention
-from torch import nn
 
 from .causal_router import ThresholdRouter, route_block_memory
 from .masked_sdpa import masked_sdpa
-from .rotary import RotaryEmbedding, apply_rotary
+from .rotary import apply_rotary
+from .routed_attention import TwoBranchAttention
 from .router import TokenScorer, route
 
 
@@ -86,7 +85,7 @@ def _at_block(t: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
     return t.gather(2, index).squeeze(2)
 
 
-class CausalRoutedAttention(nn.Module):
+class CausalRoutedAttention(TwoBranchAttention):
     """Causal routed attention (see the module docstring).
 
     Args:
@@ -128,12 +127,21 @@ class CausalRoutedAttention(nn.Module):
         router_kwargs: dict[str, Any] | None = None,
         router_momentum: float = 0.05,
     ):
-        super().__init__()
-        if heavy_heads % num_routed_kv:
-            raise ValueError(
-                f"heavy_heads ({heavy_heads}) must be divisible by num_routed_kv ({num_routed_kv}): "
-                "the heavy heads are split evenly among the key/value routing sets."
-            )
+        super().__init__(
+            dim,
+            causal=True,
+            light_heads=light_heads,
+            light_dim_head=light_dim_head,
+            light_window_size=light_window_size,
+            heavy_heads=heavy_heads,
+            heavy_dim_head=heavy_dim_head,
+            num_routed_kv=num_routed_kv,
+            multiply_keys_by_score=multiply_keys_by_score,
+            multiply_queries_by_score=multiply_queries_by_score,
+            learned_unrouted_output=learned_unrouted_output,
+            rotary_theta=rotary_theta,
+            dropout=dropout,
+        )
         for name, value in (("memory_size", memory_size), ("block_size", block_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
@@ -142,34 +150,6 @@ class CausalRoutedAttention(nn.Module):
             raise ValueError("route_block_size does not apply to causal attention: its memory is routed per block.")
         self.memory_route_kwargs = router_kwargs
         self.memory_size, self.block_size, self.window = memory_size, block_size, light_window_size
-        self.light_heads, self.heavy_heads, self.num_routed_kv = light_heads, heavy_heads, num_routed_kv
-        self.heads_per_set, self.heavy_dim_head = heavy_heads // num_routed_kv, heavy_dim_head
-        self.multiply_keys_by_score = multiply_keys_by_score
-        self.multiply_queries_by_score = multiply_queries_by_score
-        self.dropout = dropout
-
-        light_inner, heavy_inner = light_heads * light_dim_head, heavy_heads * heavy_dim_head
-        self.light_q_proj = nn.Linear(dim, light_inner, bias=False)
-        self.light_k_proj = nn.Linear(dim, light_inner, bias=False)
-        self.light_v_proj = nn.Linear(dim, light_inner, bias=False)
-        self.light_o_proj = nn.Linear(light_inner, dim, bias=False)
-        self.light_rotary = RotaryEmbedding(light_dim_head, rotary_theta)
-        self.local_attention = LocalAttention(
-            window_size=light_window_size,
-            causal=True,
-            look_backward=1,
-            look_forward=0,
-            exact_windowsize=True,
-            autopad=True,
-            dropout=dropout,
-            use_rotary_pos_emb=False,
-        )
-
-        self.heavy_q_proj = nn.Linear(dim, heavy_inner, bias=False)
-        self.heavy_k_proj = nn.Linear(dim, heavy_inner, bias=False)
-        self.heavy_v_proj = nn.Linear(dim, heavy_inner, bias=False)
-        self.heavy_o_proj = nn.Linear(heavy_inner, dim, bias=False)
-        self.heavy_rotary = RotaryEmbedding(heavy_dim_head, rotary_theta)
         self.q_router = ThresholdRouter(
             dim,
             routed_query_fraction,
@@ -179,7 +159,6 @@ class CausalRoutedAttention(nn.Module):
             momentum=router_momentum,
         )
         self.kv_router = TokenScorer(dim, num_routed_kv, batch_invariant=True)
-        self.unrouted_output = nn.Parameter(torch.zeros(dim)) if learned_unrouted_output else None
 
     def forward(
         self,
@@ -221,14 +200,6 @@ class CausalRoutedAttention(nn.Module):
         return torch.cat(outputs, dim=1), state
 
     # ------------------------------------------------------------------------------------------------ light
-    def _light_qkv(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        q, k, v = (
-            rearrange(proj(x), "b n (h e) -> b h n e", h=self.light_heads)
-            for proj in (self.light_q_proj, self.light_k_proj, self.light_v_proj)
-        )
-        cos, sin = self.light_rotary(position_ids.unsqueeze(1), q.dtype)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
-
     def _light_full(self, x: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor):
         q, k, v = self._light_qkv(x, position_ids)
         out = self.local_attention(q, k, v, mask=valid)  # always a mask: see ConditionalRoutedAttention._light
@@ -280,11 +251,6 @@ class CausalRoutedAttention(nn.Module):
         allowed = allowed.repeat_interleave(self.heads_per_set, dim=1) if self.num_routed_kv > 1 else allowed
         out = masked_sdpa(q, keys, values, allowed, self.dropout if self.training else 0.0)
         return rearrange(out, "r h m e -> r m (h e)")
-
-    def _unrouted(self, routed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
-        if self.unrouted_output is None:
-            return 0.0
-        return (~routed).unsqueeze(-1) * self.unrouted_output.to(dtype)
 
     def _heavy_full(self, x: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor, keep_state: bool):
         batch, length, dim = x.shape

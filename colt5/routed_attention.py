@@ -22,7 +22,82 @@ from .rotary import RotaryEmbedding, apply_rotary
 from .router import CoordinateDescentRouter, gather_tokens, scatter_tokens
 
 
-class ConditionalRoutedAttention(nn.Module):
+class TwoBranchAttention(nn.Module):
+    """What the encoder and causal routed attention share: the light branch (local attention, few heads) and the
+    heavy branch's projections (heads split evenly among `num_routed_kv` routing sets), rotary embeddings from
+    absolute positions, the routing options, and the learned output for unrouted queries. Subclasses add routers.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        causal: bool,
+        light_heads: int,
+        light_dim_head: int,
+        light_window_size: int,
+        heavy_heads: int,
+        heavy_dim_head: int,
+        num_routed_kv: int,
+        multiply_keys_by_score: bool,
+        multiply_queries_by_score: bool,
+        learned_unrouted_output: bool,
+        rotary_theta: float,
+        dropout: float,
+    ):
+        super().__init__()
+        if heavy_heads % num_routed_kv:
+            raise ValueError(
+                f"heavy_heads ({heavy_heads}) must be divisible by num_routed_kv ({num_routed_kv}): "
+                "the heavy heads are split evenly among the key/value routing sets."
+            )
+        self.light_heads, self.heavy_heads, self.num_routed_kv = light_heads, heavy_heads, num_routed_kv
+        self.heads_per_set = heavy_heads // num_routed_kv
+        self.multiply_keys_by_score = multiply_keys_by_score
+        self.multiply_queries_by_score = multiply_queries_by_score
+        self.dropout = dropout
+
+        light_inner, heavy_inner = light_heads * light_dim_head, heavy_heads * heavy_dim_head
+        self.light_q_proj = nn.Linear(dim, light_inner, bias=False)
+        self.light_k_proj = nn.Linear(dim, light_inner, bias=False)
+        self.light_v_proj = nn.Linear(dim, light_inner, bias=False)
+        self.light_o_proj = nn.Linear(light_inner, dim, bias=False)
+        self.light_rotary = RotaryEmbedding(light_dim_head, rotary_theta)
+        self.local_attention = LocalAttention(
+            window_size=light_window_size,
+            causal=causal,
+            look_backward=1,
+            look_forward=0 if causal else 1,
+            exact_windowsize=True,
+            autopad=True,
+            dropout=dropout,
+            use_rotary_pos_emb=False,
+        )
+
+        self.heavy_q_proj = nn.Linear(dim, heavy_inner, bias=False)
+        self.heavy_k_proj = nn.Linear(dim, heavy_inner, bias=False)
+        self.heavy_v_proj = nn.Linear(dim, heavy_inner, bias=False)
+        self.heavy_o_proj = nn.Linear(heavy_inner, dim, bias=False)
+        self.heavy_rotary = RotaryEmbedding(heavy_dim_head, rotary_theta)
+        self.unrouted_output = nn.Parameter(torch.zeros(dim)) if learned_unrouted_output else None
+
+    def _light_qkv(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Light-branch queries, keys (both rotated) and values, `(batch, light_heads, n, head_dim)` each."""
+        q, k, v = (
+            rearrange(proj(x), "b n (h e) -> b h n e", h=self.light_heads)
+            for proj in (self.light_q_proj, self.light_k_proj, self.light_v_proj)
+        )
+        cos, sin = self.light_rotary(position_ids.unsqueeze(1), q.dtype)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def _unrouted(self, routed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
+        """The learned heavy output of the tokens not routed (`routed` `(batch, n)` bool), or 0 without one."""
+        if self.unrouted_output is None:
+            return 0.0
+        return (~routed).unsqueeze(-1) * self.unrouted_output.to(dtype)
+
+
+class ConditionalRoutedAttention(TwoBranchAttention):
     """Routed attention layer (CoLT5 section 3.2).
 
     Args:
@@ -61,44 +136,25 @@ class ConditionalRoutedAttention(nn.Module):
         dropout: float = 0.0,
         router_kwargs: dict[str, Any] | None = None,
     ):
-        super().__init__()
-        if heavy_heads % num_routed_kv:
-            raise ValueError(
-                f"heavy_heads ({heavy_heads}) must be divisible by num_routed_kv ({num_routed_kv}): "
-                "the heavy heads are split evenly among the key/value routing sets."
-            )
+        super().__init__(
+            dim,
+            causal=False,
+            light_heads=light_heads,
+            light_dim_head=light_dim_head,
+            light_window_size=light_window_size,
+            heavy_heads=heavy_heads,
+            heavy_dim_head=heavy_dim_head,
+            num_routed_kv=num_routed_kv,
+            multiply_keys_by_score=multiply_keys_by_score,
+            multiply_queries_by_score=multiply_queries_by_score,
+            learned_unrouted_output=learned_unrouted_output,
+            rotary_theta=rotary_theta,
+            dropout=dropout,
+        )
         self.num_heavy_tokens_q = num_heavy_tokens_q
         self.num_heavy_tokens_kv = num_heavy_tokens_kv
-        self.light_heads, self.heavy_heads, self.num_routed_kv = light_heads, heavy_heads, num_routed_kv
-        self.multiply_keys_by_score = multiply_keys_by_score
-        self.multiply_queries_by_score = multiply_queries_by_score
-        self.dropout = dropout
-
-        light_inner, heavy_inner = light_heads * light_dim_head, heavy_heads * heavy_dim_head
-        self.light_q_proj = nn.Linear(dim, light_inner, bias=False)
-        self.light_k_proj = nn.Linear(dim, light_inner, bias=False)
-        self.light_v_proj = nn.Linear(dim, light_inner, bias=False)
-        self.light_o_proj = nn.Linear(light_inner, dim, bias=False)
-        self.light_rotary = RotaryEmbedding(light_dim_head, rotary_theta)
-        self.local_attention = LocalAttention(
-            window_size=light_window_size,
-            causal=False,
-            look_backward=1,
-            look_forward=1,
-            exact_windowsize=True,
-            autopad=True,
-            dropout=dropout,
-            use_rotary_pos_emb=False,
-        )
-
-        self.heavy_q_proj = nn.Linear(dim, heavy_inner, bias=False)
-        self.heavy_k_proj = nn.Linear(dim, heavy_inner, bias=False)
-        self.heavy_v_proj = nn.Linear(dim, heavy_inner, bias=False)
-        self.heavy_o_proj = nn.Linear(heavy_inner, dim, bias=False)
-        self.heavy_rotary = RotaryEmbedding(heavy_dim_head, rotary_theta)
         self.q_router = CoordinateDescentRouter(dim, 1, **(router_kwargs or {}))
         self.kv_router = CoordinateDescentRouter(dim, num_routed_kv, **(router_kwargs or {}))
-        self.unrouted_output = nn.Parameter(torch.zeros(dim)) if learned_unrouted_output else None
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
@@ -111,12 +167,7 @@ class ConditionalRoutedAttention(nn.Module):
         return self._light(x, mask, position_ids) + self._heavy(x, mask, position_ids)
 
     def _light(self, x: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor) -> torch.Tensor:
-        q, k, v = (
-            rearrange(proj(x), "b n (h e) -> b h n e", h=self.light_heads)
-            for proj in (self.light_q_proj, self.light_k_proj, self.light_v_proj)
-        )
-        cos, sin = self.light_rotary(position_ids.unsqueeze(1), q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self._light_qkv(x, position_ids)
         # Always pass a mask: without one, local-attention lets queries attend to the zero keys it pads the
         # sequence with up to a multiple of the window.
         if mask is None:
@@ -128,11 +179,11 @@ class ConditionalRoutedAttention(nn.Module):
         """`(batch, sets, k, dim)` tokens -> `(batch, heavy_heads, k, head_dim)`: each set only through its heads."""
         weight = proj.weight.view(self.num_routed_kv, -1, proj.in_features)
         out = torch.einsum("bsnd,sed->bsne", tokens, weight.to(tokens.dtype))
-        return rearrange(out, "b s n (h e) -> b (s h) n e", h=self.heavy_heads // self.num_routed_kv)
+        return rearrange(out, "b s n (h e) -> b (s h) n e", h=self.heads_per_set)
 
     def _heavy(self, x: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
-        heads_per_set = self.heavy_heads // self.num_routed_kv
+        heads_per_set = self.heads_per_set
         routed_q = self.q_router(x, self.num_heavy_tokens_q, mask)
         routed_kv = self.kv_router(x, self.num_heavy_tokens_kv, mask)
         q_indices, q_weights = routed_q.indices[:, 0], routed_q.weights[:, 0].to(x.dtype)
@@ -164,5 +215,5 @@ class ConditionalRoutedAttention(nn.Module):
             # Accumulate: empty slots also point at position 0, and a plain scatter would let them overwrite it.
             hits = torch.zeros(batch, length, dtype=torch.long, device=x.device)
             routed = hits.scatter_add(1, q_indices, routed_q.mask[:, 0].long()) > 0
-            heavy = heavy + (~routed).unsqueeze(-1) * self.unrouted_output.to(x.dtype)
+            heavy = heavy + self._unrouted(routed, x.dtype)
         return heavy
