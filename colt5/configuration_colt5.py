@@ -6,6 +6,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 from .router import routed_amount, validate_amount
+from .soft_topk import ROUTER_BACKENDS
 
 # Where each class lives in a saved checkpoint, so every Auto class loads it as remote code.
 COLT5_AUTO_MAP = {
@@ -51,6 +52,8 @@ class CoLT5Config(PreTrainedConfig):
         router_fetch_ratio: the soft top-k normalises over `router_fetch_ratio * k` tokens.
         router_straight_through: routed outputs are weighted by 1 in the forward pass, lambda's gradient backward.
         route_block_size: route evenly over blocks of this many tokens (None: over the whole sequence).
+        router_backend: "auto" (Triton kernels for CUDA tensors, PyTorch otherwise; the environment variable
+            COLT5_ROUTER_BACKEND=torch overrides it), "torch" (always PyTorch, e.g. for comparison) or "triton".
         multiply_keys_by_score: scale routed keys by their router weight (values always are).
         multiply_queries_by_score: scale routed queries by their router weight (outputs always are).
         learned_unrouted_query_output: a learned heavy-attention output for queries that were not routed.
@@ -100,6 +103,7 @@ class CoLT5Config(PreTrainedConfig):
     router_fetch_ratio: float = 9 / 8
     router_straight_through: bool = False
     route_block_size: int | None = None
+    router_backend: str = "auto"
     multiply_keys_by_score: bool = True
     multiply_queries_by_score: bool = False
     learned_unrouted_query_output: bool = False
@@ -180,6 +184,8 @@ class CoLT5Config(PreTrainedConfig):
             raise ValueError(f"router_fetch_ratio must be >= 1, got {self.router_fetch_ratio}.")
         if self.route_block_size is not None and self.route_block_size < 1:
             raise ValueError(f"route_block_size must be None or >= 1, got {self.route_block_size}.")
+        if self.router_backend not in ROUTER_BACKENDS:
+            raise ValueError(f"router_backend must be one of {ROUTER_BACKENDS}, got {self.router_backend!r}.")
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")
@@ -225,6 +231,7 @@ class CoLT5Config(PreTrainedConfig):
             eps_schedule=self.router_eps_schedule,
             straight_through=self.router_straight_through,
             route_block_size=self.route_block_size,
+            backend=self.router_backend,
         )
 
 

@@ -115,6 +115,7 @@ def route(
     eps_schedule: Sequence[float] | None = None,
     straight_through: bool = False,
     route_block_size: int | None = None,
+    backend: str = "auto",
 ) -> RouterOutput:
     """Choose tokens from router scores.
 
@@ -128,6 +129,7 @@ def route(
         route_block_size: route evenly over blocks of this many tokens: each block gets an equal share of the
             amount (the first `amount % blocks` blocks one more; blocks with too few valid tokens pass the rest
             on to the others), so routed tokens spread over the sequence.
+        backend: soft top-k implementation, "auto", "torch" or "triton" (see `soft_topk.uses_triton`).
 
     Returns:
         RouterOutput with `(batch, sets, k)` tensors, k = the amount for the padded length `n`.
@@ -158,6 +160,7 @@ def route(
         eps=eps,
         n_iters=n_iters,
         eps_schedule=eps_schedule,
+        backend=backend,
     )
 
     # A block can take more than an even share when others are short of valid tokens: size for the worst case.
@@ -214,6 +217,7 @@ class CoordinateDescentRouter(TokenScorer):
         eps_schedule: Sequence[float] | None = None,
         straight_through: bool = False,
         route_block_size: int | None = None,
+        backend: str = "auto",
     ):
         super().__init__(dim, num_sets)
         if fetch_ratio < 1:
@@ -225,6 +229,7 @@ class CoordinateDescentRouter(TokenScorer):
             eps_schedule=tuple(eps_schedule) if eps_schedule is not None else None,
             straight_through=straight_through,
             route_block_size=route_block_size,
+            backend=backend,
         )
 
     def forward(self, x: torch.Tensor, amount: int | float, mask: torch.Tensor | None = None) -> RouterOutput:

@@ -15,14 +15,23 @@ shared/design/router.md). Two modes:
   O(n + iterations) memory, no unrolled graph.
 
 All arithmetic is done in float32 (float64 inputs stay float64). Rows are the leading dimensions of `scores`.
+
+This module is the reference. CUDA tensors go to the Triton kernels of soft_topk_triton.py (imported only then),
+unless the backend (argument, config.router_backend, or the environment variable COLT5_ROUTER_BACKEND when the
+argument is "auto") says "torch".
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
+
+
+ROUTER_BACKENDS = ("auto", "torch", "triton")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -146,6 +155,35 @@ def eps_steps_for(n_iters: int, eps: float, eps_schedule: Sequence[float] | None
     return tuple(max(start * decay**step, eps) for step in range(n_iters))
 
 
+def uses_triton(scores: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether `soft_topk(scores, ..., backend=backend)` runs the Triton kernels.
+
+    "auto" (unless COLT5_ROUTER_BACKEND says otherwise): CUDA tensors in float32/bfloat16/float16 do; "torch":
+    never; "triton": always, which needs CUDA tensors or TRITON_INTERPRET=1 (Triton's CPU interpreter, for tests).
+    """
+    if backend not in ROUTER_BACKENDS:
+        raise ValueError(f"router backend must be one of {ROUTER_BACKENDS}, got {backend!r}.")
+    if backend == "auto":
+        backend = os.environ.get("COLT5_ROUTER_BACKEND", "auto")
+        if backend not in ROUTER_BACKENDS:
+            raise ValueError(f"COLT5_ROUTER_BACKEND must be one of {ROUTER_BACKENDS}, got {backend!r}.")
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return scores.is_cuda and scores.dtype in KERNEL_DTYPES
+    if scores.dtype not in KERNEL_DTYPES:
+        raise ValueError(
+            f"The Triton router takes float32, bfloat16 or float16 scores, got {scores.dtype}; use the "
+            "'torch' or 'auto' router backend for float64."
+        )
+    if not scores.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"The Triton router needs CUDA tensors, got scores on {scores.device}; use the 'auto' or 'torch' "
+            "router backend, or set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter."
+        )
+    return True
+
+
 def soft_topk(
     scores: torch.Tensor,
     k: torch.Tensor | float,
@@ -153,6 +191,7 @@ def soft_topk(
     eps: float = 1.0,
     n_iters: int | None = None,
     eps_schedule: Sequence[float] | None = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Soft top-k weights of each row of `scores`.
 
@@ -164,6 +203,7 @@ def soft_topk(
         eps: entropy weight (the final eps when a schedule is given).
         n_iters: None for the exact fixed point, else the number of coordinate-descent iterations.
         eps_schedule: `(start, decay)` for eps-scaling over the iterations (iterative mode only).
+        backend: "auto", "torch" or "triton" (see `uses_triton`).
 
     Returns:
         `(..., n)` lambdas in [0, 1] summing to `min(k, valid count)` per row (exactly in exact mode), in the
@@ -177,11 +217,22 @@ def soft_topk(
         raise ValueError(f"n_iters must be None (exact) or >= 1, got {n_iters}.")
     dtype = _compute_dtype(scores.dtype)
     *batch_shape, n = scores.shape
+    k_rows = torch.as_tensor(k, dtype=dtype, device=scores.device).expand(batch_shape).reshape(-1)
+    if uses_triton(scores, backend):
+        from .soft_topk_triton import ExactSoftTopk, IterativeSoftTopk
+
+        rows = scores.reshape(-1, n).contiguous()
+        valid_rows = None if valid is None else valid.expand_as(scores).reshape(-1, n).contiguous()
+        if n_iters is None:
+            lambdas = ExactSoftTopk.apply(rows, k_rows.contiguous(), valid_rows, float(eps))
+        else:
+            steps = eps_steps_for(n_iters, eps, eps_schedule)
+            lambdas = IterativeSoftTopk.apply(rows, k_rows.contiguous(), valid_rows, steps)
+        return lambdas.reshape(*batch_shape, n)
     rows = scores.reshape(-1, n).to(dtype)
     valid_rows = (
         torch.ones_like(rows, dtype=torch.bool) if valid is None else valid.expand_as(scores).reshape(-1, n)
     )
-    k_rows = torch.as_tensor(k, dtype=dtype, device=scores.device).expand(batch_shape).reshape(-1)
     if n_iters is None:
         lambdas = _ExactSoftTopk.apply(rows, k_rows, valid_rows, float(eps))
     else:

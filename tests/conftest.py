@@ -1,7 +1,14 @@
 """Shared fixtures: a tiny CoLT5 config factory and a fixed torch seed for every test."""
 
+import os
+
 import pytest
 import torch
+
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's CPU interpreter (set before triton is first imported).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from colt5 import CoLT5Config
 
