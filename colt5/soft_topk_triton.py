@@ -61,35 +61,54 @@ def _load_z(scores_ptr, valid_ptr, row, idx, n, eps, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _row_stats_kernel(scores_ptr, valid_ptr, stats_ptr, n, chunk, eps, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """Per (row, chunk): max of z, sum of exp(z - max), valid count."""
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1)
-    parts = tl.num_programs(1)
+def _span_stats(scores_ptr, valid_ptr, row, start, stop, n, eps, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """Max of z, sum of exp(z - max) and valid count over tokens start..stop of a row."""
     offs = tl.arange(0, BLOCK)
     lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
     lane_sum = tl.zeros([BLOCK], tl.float32)
     lane_count = tl.zeros([BLOCK], tl.float32)
-    for start in range(part * chunk, part * chunk + chunk, BLOCK):
-        z, ok = _load_z(scores_ptr, valid_ptr, row, start + offs, n, eps, HAS_MASK)
+    for block_start in range(start, stop, BLOCK):
+        z, ok = _load_z(scores_ptr, valid_ptr, row, block_start + offs, n, eps, HAS_MASK)
         z = tl.where(ok, z, float("-inf"))
         new_max = tl.maximum(lane_max, z)
         finite_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         lane_sum = lane_sum * tl.exp(lane_max - finite_max) + tl.exp(z - finite_max)
         lane_max = new_max
         lane_count += ok.to(tl.float32)
-    chunk_max = tl.max(lane_max, 0)
-    finite_max = tl.where(chunk_max == float("-inf"), 0.0, chunk_max)
-    base = stats_ptr + (row * parts + part) * 3
-    tl.store(base, chunk_max)
-    tl.store(base + 1, tl.sum(lane_sum * tl.exp(lane_max - finite_max), 0))
-    tl.store(base + 2, tl.sum(lane_count, 0))
+    span_max = tl.max(lane_max, 0)
+    finite_max = tl.where(span_max == float("-inf"), 0.0, span_max)
+    return span_max, tl.sum(lane_sum * tl.exp(lane_max - finite_max), 0), tl.sum(lane_count, 0)
 
 
 @triton.jit
-def _initial_state(stats_ptr, row, parts, k, T: tl.constexpr, P2: tl.constexpr):
-    """Row mode and first bracket from the chunk statistics: hi = t0 = logsumexp(z) - log k, the threshold with
-    no saturated token, an upper bound on t (F(t0) <= k); lo unknown."""
+def _row_stats_kernel(scores_ptr, valid_ptr, stats_ptr, n, chunk, eps, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    span_max, span_sum, span_count = _span_stats(
+        scores_ptr, valid_ptr, row, part * chunk, part * chunk + chunk, n, eps, HAS_MASK, BLOCK
+    )
+    base = stats_ptr + (row * tl.num_programs(1) + part) * 3
+    tl.store(base, span_max)
+    tl.store(base + 1, span_sum)
+    tl.store(base + 2, span_count)
+
+
+@triton.jit
+def _start_state(row_max, total, count, k):
+    """Row mode and first bracket: hi = t0 = logsumexp(z) - log k, the threshold with no saturated token, an
+    upper bound on t (F(t0) <= k); lo unknown. Modes: 0 normal, 1 k >= valid count (lambda = 1 on valid
+    tokens), 2 k <= 0 (lambda = 0); rows of modes 1 and 2 start settled."""
+    finite_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    mode = tl.where(k >= count, 1.0, tl.where(k <= 0.0, 2.0, 0.0))
+    t0 = finite_max + tl.log(tl.maximum(total, 1e-30) / tl.maximum(k, 1e-30))
+    step = 1e-3 * tl.maximum(tl.abs(t0), 1.0)
+    zero = tl.full([], 0.0, tl.float32)
+    return t0, zero, zero, zero, t0, zero, zero, zero, step, (mode != 0.0).to(tl.float32), mode
+
+
+@triton.jit
+def _initial_state(stats_ptr, row, parts, k, P2: tl.constexpr):
+    """`_start_state` from the per-chunk statistics of a row."""
     p = tl.arange(0, P2)
     inside = p < parts
     base = stats_ptr + (row * parts + p) * 3
@@ -98,11 +117,7 @@ def _initial_state(stats_ptr, row, parts, k, T: tl.constexpr, P2: tl.constexpr):
     finite_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     total = tl.sum(tl.load(base + 1, mask=inside, other=0.0) * tl.exp(chunk_max - finite_max), 0)
     count = tl.sum(tl.load(base + 2, mask=inside, other=0.0), 0)
-    mode = tl.where(k >= count, 1.0, tl.where(k <= 0.0, 2.0, 0.0))
-    t0 = finite_max + tl.log(tl.maximum(total, 1e-30) / tl.maximum(k, 1e-30))
-    step = 1e-3 * tl.maximum(tl.abs(t0), 1.0)
-    zero = tl.full([], 0.0, tl.float32)
-    return t0, zero, zero, zero, t0, zero, zero, zero, step, (mode != 0.0).to(tl.float32), mode
+    return _start_state(row_max, total, count, k)
 
 
 @triton.jit
@@ -222,7 +237,7 @@ def _refine_kernel(scores_ptr, valid_ptr, k_ptr, stats_ptr, state_in_ptr, sums_i
     k = tl.load(k_ptr + row)
     if FIRST:
         hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, mode = _initial_state(
-            stats_ptr, row, parts, k, T, P2
+            stats_ptr, row, parts, k, P2
         )
     else:
         hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, mode = _load_state(state_in_ptr, row)
@@ -257,31 +272,61 @@ def _combine_sums(sums_ptr, row, parts, T: tl.constexpr, P2: tl.constexpr):
 
 
 @triton.jit
-def _finish_kernel(scores_ptr, valid_ptr, k_ptr, state_ptr, sums_ptr, final_ptr, n, eps, max_passes,
-                   HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, T: tl.constexpr, P2: tl.constexpr, parts):
-    """One program per row: takes the last parallel pass in, then runs serial passes (one exp per token and
-    trial, any span) until the row is settled. Writes the threshold and the row mode."""
+def _settle(scores_ptr, valid_ptr, row, n, eps, k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step,
+            done, trials, upper, max_passes, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, T: tl.constexpr):
+    """Serial trial passes over a whole row until it is settled; returns the threshold and the pass count.
+    A pass shares one exp per token when the trials span less than MAX_SPAN, else takes one per trial."""
+    passes = 0
+    while (done == 0.0) & (passes < max_passes):
+        if tl.max(trials, 0) - tl.min(trials, 0) < MAX_SPAN:
+            counts, sums = _trial_sums(scores_ptr, valid_ptr, row, 0, n, n, eps, trials, HAS_MASK, True, BLOCK, T)
+        else:
+            counts, sums = _trial_sums(scores_ptr, valid_ptr, row, 0, n, n, eps, trials, HAS_MASK, False, BLOCK, T)
+        hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known = _update_bracket(
+            trials, counts, sums, k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, done, T
+        )
+        trials, upper, step, done = _next_trials(
+            k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, float("inf"), T
+        )
+        passes += 1
+    return upper, passes
+
+
+@triton.jit
+def _finish_kernel(scores_ptr, valid_ptr, k_ptr, state_ptr, sums_ptr, final_ptr, n, eps, parts, max_passes,
+                   HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, T: tl.constexpr, P2: tl.constexpr):
+    """One program per row: takes the last parallel pass in and settles rows still open by serial passes.
+    Writes the threshold, the row mode and the serial pass count."""
     row = tl.program_id(0).to(tl.int64)
     k = tl.load(k_ptr + row)
     hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, mode = _load_state(state_ptr, row)
     upper = tl.load(state_ptr + row * 16 + 10)
+    passes = 0
     if done == 0.0:
         counts, sums = _combine_sums(sums_ptr, row, parts, T, P2)
         trials = tl.load(state_ptr + row * 16 + 12 + tl.arange(0, T))
-        passes = 0
-        while (done == 0.0) & (passes < max_passes):
-            hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known = _update_bracket(
-                trials, counts, sums, k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, done, T
-            )
-            trials, upper, step, done = _next_trials(
-                k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, float("inf"), T
-            )
-            if done == 0.0:
-                counts, sums = _trial_sums(scores_ptr, valid_ptr, row, 0, n, n, eps, trials, HAS_MASK, False,
-                                           BLOCK, T)
-            passes += 1
-    tl.store(final_ptr + row * 2, upper)
-    tl.store(final_ptr + row * 2 + 1, mode)
+        hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known = _update_bracket(
+            trials, counts, sums, k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, done, T
+        )
+        trials, upper, step, done = _next_trials(
+            k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, float("inf"), T
+        )
+        upper, passes = _settle(scores_ptr, valid_ptr, row, n, eps, k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c,
+                                lo_s, lo_known, step, done, trials, upper, max_passes, HAS_MASK, BLOCK, T)
+    tl.store(final_ptr + row * 3, upper)
+    tl.store(final_ptr + row * 3 + 1, mode)
+    tl.store(final_ptr + row * 3 + 2, passes.to(tl.float32))
+
+
+@triton.jit
+def _write_lambdas(scores_ptr, valid_ptr, lambdas_ptr, row, start, stop, n, eps, threshold, mode,
+                   HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    for block_start in range(start, stop, BLOCK):
+        z, ok = _load_z(scores_ptr, valid_ptr, row, block_start + offs, n, eps, HAS_MASK)
+        lam = tl.exp(tl.minimum(z - threshold, 0.0))
+        lam = tl.where(mode == 1.0, 1.0, tl.where(mode == 2.0, 0.0, lam))
+        tl.store(lambdas_ptr + row * n + block_start + offs, tl.where(ok, lam, 0.0), mask=block_start + offs < n)
 
 
 @triton.jit
@@ -289,14 +334,32 @@ def _write_lambdas_kernel(scores_ptr, valid_ptr, final_ptr, lambdas_ptr, n, chun
                           BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
-    threshold = tl.load(final_ptr + row * 2)
-    mode = tl.load(final_ptr + row * 2 + 1)
-    offs = tl.arange(0, BLOCK)
-    for start in range(part * chunk, part * chunk + chunk, BLOCK):
-        z, ok = _load_z(scores_ptr, valid_ptr, row, start + offs, n, eps, HAS_MASK)
-        lam = tl.exp(tl.minimum(z - threshold, 0.0))
-        lam = tl.where(mode == 1.0, 1.0, tl.where(mode == 2.0, 0.0, lam))
-        tl.store(lambdas_ptr + row * n + start + offs, tl.where(ok, lam, 0.0), mask=start + offs < n)
+    threshold = tl.load(final_ptr + row * 3)
+    mode = tl.load(final_ptr + row * 3 + 1)
+    _write_lambdas(scores_ptr, valid_ptr, lambdas_ptr, row, part * chunk, part * chunk + chunk, n, eps, threshold,
+                   mode, HAS_MASK, BLOCK)
+
+
+@triton.jit
+def _exact_row_kernel(scores_ptr, valid_ptr, k_ptr, lambdas_ptr, final_ptr, n, eps, max_passes,
+                      HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, T: tl.constexpr):
+    """The whole exact forward of a row in one program (rows short enough, or enough rows, to fill the GPU):
+    statistics, serial trial passes, lambda."""
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.load(k_ptr + row)
+    row_max, total, count = _span_stats(scores_ptr, valid_ptr, row, 0, n, n, eps, HAS_MASK, BLOCK)
+    hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, mode = _start_state(
+        row_max, total, count, k
+    )
+    trials, upper, step, done = _next_trials(
+        k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, float("inf"), T
+    )
+    upper, passes = _settle(scores_ptr, valid_ptr, row, n, eps, k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s,
+                            lo_known, step, done, trials, upper, max_passes, HAS_MASK, BLOCK, T)
+    tl.store(final_ptr + row * 3, upper)
+    tl.store(final_ptr + row * 3 + 1, mode)
+    tl.store(final_ptr + row * 3 + 2, passes.to(tl.float32))
+    _write_lambdas(scores_ptr, valid_ptr, lambdas_ptr, row, 0, n, n, eps, upper, mode, HAS_MASK, BLOCK)
 
 
 @triton.jit
@@ -349,44 +412,55 @@ def _iterative_forward_kernel(scores_ptr, valid_ptr, k_ptr, eps_ptr, lambdas_ptr
 
 
 @triton.jit
-def _weighted_sums_kernel(lambdas_ptr, grad_ptr, sums_ptr, n, chunk, eps, BLOCK: tl.constexpr):
-    """Per (row, chunk): sum of w * g and of w, with w = lambda / eps where 0 < lambda < 1 (the tokens whose
+def _span_weighted_sums(lambdas_ptr, grad_ptr, row, start, stop, n, eps, BLOCK: tl.constexpr):
+    """Sums of w * g and of w over tokens start..stop, w = lambda / eps where 0 < lambda < 1 (the tokens whose
     lambda moves with the scores; masked tokens have lambda 0, saturated ones 1)."""
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1)
-    parts = tl.num_programs(1)
     offs = tl.arange(0, BLOCK)
     lane_wg = tl.zeros([BLOCK], tl.float32)
     lane_w = tl.zeros([BLOCK], tl.float32)
-    for start in range(part * chunk, part * chunk + chunk, BLOCK):
-        idx = start + offs
+    for block_start in range(start, stop, BLOCK):
+        idx = block_start + offs
         inside = idx < n
         lam = tl.load(lambdas_ptr + row * n + idx, mask=inside, other=0.0)
         g = tl.load(grad_ptr + row * n + idx, mask=inside, other=0.0).to(tl.float32)
         w = tl.where(lam < 1.0, lam, 0.0) / eps
         lane_wg += w * g
         lane_w += w
-    tl.store(sums_ptr + (row * parts + part) * 2, tl.sum(lane_wg, 0))
-    tl.store(sums_ptr + (row * parts + part) * 2 + 1, tl.sum(lane_w, 0))
+    return tl.sum(lane_wg, 0), tl.sum(lane_w, 0)
 
 
 @triton.jit
-def _row_weighted_sums(sums_ptr, row, parts, P2: tl.constexpr):
-    p = tl.arange(0, P2)
-    base = sums_ptr + (row * parts + p) * 2
-    return (
-        tl.sum(tl.load(base, mask=p < parts, other=0.0), 0),
-        tl.sum(tl.load(base + 1, mask=p < parts, other=0.0), 0),
-    )
+def _weighted_sums_kernel(lambdas_ptr, grad_ptr, sums_ptr, n, chunk, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    total_wg, total_w = _span_weighted_sums(lambdas_ptr, grad_ptr, row, part * chunk, part * chunk + chunk, n, eps,
+                                            BLOCK)
+    tl.store(sums_ptr + (row * tl.num_programs(1) + part) * 2, total_wg)
+    tl.store(sums_ptr + (row * tl.num_programs(1) + part) * 2 + 1, total_w)
 
 
 @triton.jit
-def _exact_backward_kernel(lambdas_ptr, grad_ptr, sums_ptr, out_ptr, n, chunk, eps, BLOCK: tl.constexpr,
-                           P2: tl.constexpr):
+def _row_weighted_sums(lambdas_ptr, grad_ptr, sums_ptr, row, n, eps, FUSED: tl.constexpr, BLOCK: tl.constexpr,
+                       P2: tl.constexpr):
+    """The row's sums of w * g and w: computed here (FUSED: one program per row) or from the chunk sums."""
+    if FUSED:
+        total_wg, total_w = _span_weighted_sums(lambdas_ptr, grad_ptr, row, 0, n, n, eps, BLOCK)
+    else:
+        parts = tl.num_programs(1)
+        p = tl.arange(0, P2)
+        base = sums_ptr + (row * parts + p) * 2
+        total_wg = tl.sum(tl.load(base, mask=p < parts, other=0.0), 0)
+        total_w = tl.sum(tl.load(base + 1, mask=p < parts, other=0.0), 0)
+    return total_wg, total_w
+
+
+@triton.jit
+def _exact_backward_kernel(lambdas_ptr, grad_ptr, sums_ptr, out_ptr, n, chunk, eps, FUSED: tl.constexpr,
+                           BLOCK: tl.constexpr, P2: tl.constexpr):
     """dL/ds = w * (g - sum(w g) / sum(w)) (implicit gradient of the fixed point)."""
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
-    total_wg, total_w = _row_weighted_sums(sums_ptr, row, tl.num_programs(1), P2)
+    total_wg, total_w = _row_weighted_sums(lambdas_ptr, grad_ptr, sums_ptr, row, n, eps, FUSED, BLOCK, P2)
     mean = tl.where(total_w > 0.0, total_wg / tl.where(total_w > 0.0, total_w, 1.0), 0.0)
     offs = tl.arange(0, BLOCK)
     for start in range(part * chunk, part * chunk + chunk, BLOCK):
@@ -401,15 +475,14 @@ def _exact_backward_kernel(lambdas_ptr, grad_ptr, sums_ptr, out_ptr, n, chunk, e
 
 @triton.jit
 def _iterative_backward_kernel(scores_ptr, valid_ptr, lambdas_ptr, grad_ptr, sums_ptr, eps_ptr, shifts_ptr, lse_ptr,
-                               capped_ptr, out_ptr, n, chunk, n_steps, HAS_MASK: tl.constexpr,
-                               BLOCK: tl.constexpr, P2: tl.constexpr):
+                               capped_ptr, out_ptr, n, chunk, n_steps, last_eps, HAS_MASK: tl.constexpr,
+                               FUSED: tl.constexpr, BLOCK: tl.constexpr, P2: tl.constexpr):
     """Backward through the shift recursion: the last shift carries G = sum(w g); step t (from the last down)
     takes G_t * softmax_t(j) from every token below its cap and passes G_{t-1} = G_t * (softmax mass of the
     capped tokens) = G_t * capped_t * exp(-a_{t-1} / eps_t - lse_t) on."""
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
-    total_wg, _ = _row_weighted_sums(sums_ptr, row, tl.num_programs(1), P2)
-    last_eps = tl.load(eps_ptr + n_steps - 1)
+    total_wg, _ = _row_weighted_sums(lambdas_ptr, grad_ptr, sums_ptr, row, n, last_eps, FUSED, BLOCK, P2)
     offs = tl.arange(0, BLOCK)
     for start in range(part * chunk, part * chunk + chunk, BLOCK):
         idx = start + offs
@@ -430,10 +503,16 @@ def _iterative_backward_kernel(scores_ptr, valid_ptr, lambdas_ptr, grad_ptr, sum
         tl.store(out_ptr + row * n + idx, grad.to(out_ptr.dtype.element_ty), mask=inside)
 
 
+FUSED_MAX_TOKENS = 65536  # rows up to this length run in one program per row (fewer launches); longer ones in chunks
+
+
 def _layout(rows: int, n: int, device: torch.device) -> tuple[int, int]:
-    """(chunks per row, chunk length): about four programs per multiprocessor, chunks a multiple of BLOCK."""
-    programs = 4 * (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4)
-    parts = max(1, min(triton.cdiv(n, BLOCK), triton.cdiv(programs, rows)))
+    """(chunks per row, chunk length). One chunk (a program per row, FUSED kernels) for rows up to
+    FUSED_MAX_TOKENS or when the rows alone fill the GPU; else about four programs per multiprocessor."""
+    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    if n <= FUSED_MAX_TOKENS or rows >= 2 * multiprocessors:
+        return 1, triton.cdiv(n, BLOCK) * BLOCK
+    parts = max(1, min(triton.cdiv(n, BLOCK), triton.cdiv(4 * multiprocessors, rows)))
     chunk = triton.cdiv(triton.cdiv(n, parts), BLOCK) * BLOCK
     return triton.cdiv(n, chunk), chunk
 
@@ -444,18 +523,27 @@ def _mask_arg(valid: torch.Tensor | None, scores: torch.Tensor) -> tuple[torch.T
     return valid.contiguous().view(torch.uint8), True
 
 
-def exact_forward(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """Exact soft top-k of `(rows, n)` scores with `(rows,)` float32 amounts and `(rows, n)` bool `valid`."""
+def exact_forward(
+    scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact soft top-k of `(rows, n)` scores with `(rows,)` float32 amounts and `(rows, n)` bool `valid`.
+
+    Returns `(rows, n)` float32 lambdas and `(rows,)` the serial passes each row needed after the parallel ones
+    (a diagnostic: 0 when the parallel passes settled the row)."""
     rows, n = scores.shape
     parts, chunk = _layout(rows, n, scores.device)
-    p2 = triton.next_power_of_2(parts)
     mask, has_mask = _mask_arg(valid, scores)
     f32 = dict(device=scores.device, dtype=torch.float32)
+    final = torch.empty(rows, 3, **f32)
+    lambdas = torch.empty(rows, n, **f32)
+    if parts == 1:
+        _exact_row_kernel[(rows,)](scores, mask, k, lambdas, final, n, eps, FINISH_PASSES, HAS_MASK=has_mask,
+                                   BLOCK=BLOCK, T=THRESHOLDS)
+        return lambdas, final[:, 2]
+    p2 = triton.next_power_of_2(parts)
     stats = torch.empty(rows, parts, 3, **f32)
     states = torch.empty(REFINE_PASSES, rows, STATE, **f32)
     sums = torch.empty(REFINE_PASSES, rows, parts, 2, THRESHOLDS, **f32)
-    final = torch.empty(rows, 2, **f32)
-    lambdas = torch.empty(rows, n, **f32)
     grid = (rows, parts)
     _row_stats_kernel[grid](scores, mask, stats, n, chunk, eps, HAS_MASK=has_mask, BLOCK=BLOCK)
     for index in range(REFINE_PASSES):
@@ -464,17 +552,18 @@ def exact_forward(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | N
             scores, mask, k, stats, states[previous], sums[previous], states[index], sums[index], n, chunk, eps,
             MAX_SPAN, FIRST=index == 0, HAS_MASK=has_mask, BLOCK=BLOCK, T=THRESHOLDS, P2=p2,
         )
-    _finish_kernel[(rows,)](
-        scores, mask, k, states[-1], sums[-1], final, n, eps, FINISH_PASSES, HAS_MASK=has_mask, BLOCK=BLOCK,
-        T=THRESHOLDS, P2=p2, parts=parts,
-    )
+    _finish_kernel[(rows,)](scores, mask, k, states[-1], sums[-1], final, n, eps, parts, FINISH_PASSES,
+                            HAS_MASK=has_mask, BLOCK=BLOCK, T=THRESHOLDS, P2=p2)
     _write_lambdas_kernel[grid](scores, mask, final, lambdas, n, chunk, eps, HAS_MASK=has_mask, BLOCK=BLOCK)
-    return lambdas
+    return lambdas, final[:, 2]
 
 
 def _weighted_sums(lambdas: torch.Tensor, grad: torch.Tensor, eps: float) -> tuple[torch.Tensor, int, int]:
+    """Chunk sums of w * g and w for the backward kernels (nothing to do when rows are FUSED)."""
     rows, n = lambdas.shape
     parts, chunk = _layout(rows, n, lambdas.device)
+    if parts == 1:
+        return lambdas, parts, chunk  # never read
     sums = torch.empty(rows, parts, 2, device=lambdas.device, dtype=torch.float32)
     _weighted_sums_kernel[(rows, parts)](lambdas, grad, sums, n, chunk, eps, BLOCK=BLOCK)
     return sums, parts, chunk
@@ -486,7 +575,7 @@ def exact_backward(lambdas: torch.Tensor, grad: torch.Tensor, eps: float, dtype:
     sums, parts, chunk = _weighted_sums(lambdas, grad, eps)
     out = torch.empty(rows, n, device=lambdas.device, dtype=dtype)
     _exact_backward_kernel[(rows, parts)](
-        lambdas, grad, sums, out, n, chunk, eps, BLOCK=BLOCK, P2=triton.next_power_of_2(parts)
+        lambdas, grad, sums, out, n, chunk, eps, FUSED=parts == 1, BLOCK=BLOCK, P2=triton.next_power_of_2(parts)
     )
     return out
 
@@ -523,14 +612,13 @@ def iterative_backward(
 ) -> torch.Tensor:
     eps, shifts, lse, capped = saved
     rows, n = scores.shape
-    steps = eps.shape[0]
     grad = grad.contiguous()
     sums, parts, chunk = _weighted_sums(lambdas, grad, last_eps)
     mask, has_mask = _mask_arg(valid, scores)
     out = torch.empty(rows, n, device=scores.device, dtype=scores.dtype)
     _iterative_backward_kernel[(rows, parts)](
-        scores, mask, lambdas, grad, sums, eps, shifts, lse, capped, out, n, chunk, steps, HAS_MASK=has_mask,
-        BLOCK=BLOCK, P2=triton.next_power_of_2(parts),
+        scores, mask, lambdas, grad, sums, eps, shifts, lse, capped, out, n, chunk, eps.shape[0], last_eps,
+        HAS_MASK=has_mask, FUSED=parts == 1, BLOCK=BLOCK, P2=triton.next_power_of_2(parts),
     )
     return out
 
@@ -538,7 +626,7 @@ def iterative_backward(
 class ExactSoftTopk(torch.autograd.Function):
     @staticmethod
     def forward(ctx, scores, k, valid, eps):
-        lambdas = exact_forward(scores, k, valid, eps)
+        lambdas, _ = exact_forward(scores, k, valid, eps)
         ctx.save_for_backward(lambdas)
         ctx.eps, ctx.dtype = eps, scores.dtype
         return lambdas

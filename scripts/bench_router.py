@@ -96,7 +96,7 @@ def graph_times(scores: torch.Tensor, grad: torch.Tensor, k: float) -> dict:
     k_rows = torch.full((rows,), k, device=scores.device)
 
     def forward():
-        return soft_topk_triton.exact_forward(scores, k_rows, None, 1.0)
+        return soft_topk_triton.exact_forward(scores, k_rows, None, 1.0)[0]
 
     def forward_backward():
         return soft_topk_triton.exact_backward(forward(), grad, 1.0, scores.dtype)
@@ -128,6 +128,9 @@ def check(scores: torch.Tensor, grad: torch.Tensor, k: float) -> dict:
         (fast * grad).sum().backward()
         out[f"{mode}_lambda_rel_err"] = rel_err(fast, reference.detach())
         out[f"{mode}_grad_rel_err"] = rel_err(fast_scores.grad, reference_scores.grad)
+    k_rows = torch.full((scores.shape[0],), k, device=scores.device)
+    _, serial_passes = soft_topk_triton.exact_forward(scores.detach(), k_rows, None, 1.0)
+    out["exact_serial_passes_max"] = serial_passes.max().item()
     half = scores.detach().bfloat16()
     out["bf16_exact_lambda_rel_err"] = rel_err(
         soft_topk(half, k, backend="triton"), soft_topk(half.double(), k, backend="torch")

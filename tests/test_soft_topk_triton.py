@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from colt5 import CoLT5Config
+from colt5 import CoLT5Config, soft_topk_triton
 from colt5.router import route
 from colt5.soft_topk import soft_topk, uses_triton
 
@@ -26,6 +26,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:(divide by zero|overflow|invalid
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (large rows, compiled kernels)")
 ITERATIVE_SETTINGS = [dict(n_iters=1), dict(n_iters=7, eps=0.5), dict(n_iters=20, eps=0.3, eps_schedule=(4.0, 0.7))]
+
+
+@pytest.fixture(params=["one program per row", "chunked rows"])
+def layout(request, monkeypatch):
+    """Both kernel layouts: rows in one program each (short rows) and rows split into chunks (long rows, forced
+    here on short ones)."""
+    if request.param == "chunked rows":
+        monkeypatch.setattr(soft_topk_triton, "FUSED_MAX_TOKENS", 0)
+    return request.param
 
 
 def rel_err(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -51,7 +60,7 @@ def compare(scores, k, valid=None, **settings) -> tuple[float, float]:
 
 @pytest.mark.parametrize("n", [1, 5, 300, 2500])
 @pytest.mark.parametrize("std", [0.5, 3.0])
-def test_exact_mode_matches_reference(n, std):
+def test_exact_mode_matches_reference(n, std, layout):
     rows = 3
     scores = torch.randn(rows, n, dtype=torch.float64) * std
     k = torch.tensor([n / 8 + 0.5, max(n / 2, 1.0), 2.25], dtype=torch.float64)  # ragged amounts, one per row
@@ -61,7 +70,7 @@ def test_exact_mode_matches_reference(n, std):
 
 
 @pytest.mark.parametrize("scale, eps", [(30.0, 1.0), (1.5, 0.05)])
-def test_exact_mode_settles_rows_with_sharp_scores(scale, eps):
+def test_exact_mode_settles_rows_with_sharp_scores(scale, eps, layout):
     """Heavy-tailed scores (z = s / eps spread over thousands) outrun the parallel passes: the per-row finish
     settles them. Lambda sums to k and matches the reference to float32's resolution of z."""
     n, rows = 2000, 3
@@ -77,7 +86,7 @@ def test_exact_mode_settles_rows_with_sharp_scores(scale, eps):
 
 @pytest.mark.parametrize("settings", ITERATIVE_SETTINGS)
 @pytest.mark.parametrize("n", [3, 700])
-def test_iterative_mode_matches_reference(n, settings):
+def test_iterative_mode_matches_reference(n, settings, layout):
     rows = 4
     scores = torch.randn(rows, n, dtype=torch.float64) * 2
     k = torch.tensor([n / 8 + 0.5, n / 3, 1.0, 2.5], dtype=torch.float64)
@@ -87,7 +96,7 @@ def test_iterative_mode_matches_reference(n, settings):
 
 
 @pytest.mark.parametrize("settings", [{}, ITERATIVE_SETTINGS[2]])
-def test_saturated_and_fully_masked_rows(settings):
+def test_saturated_and_fully_masked_rows(settings, layout):
     """k >= valid count gives lambda = 1 on valid tokens; a fully masked row gives zeros; gradients stay finite
     (zero) for both."""
     n = 50
@@ -117,7 +126,7 @@ def test_half_precision_scores_are_read_and_differentiated_as_such(dtype, n_iter
 
 
 @pytest.mark.parametrize("n_iters", [None, 12])
-def test_route_with_several_sets_and_padding_matches_torch_backend(n_iters):
+def test_route_with_several_sets_and_padding_matches_torch_backend(n_iters, layout):
     """Through route(): three key/value sets, padded samples, per-sample amounts from valid lengths."""
     scores = torch.randn(2, 3, 200, device=DEVICE)
     mask = torch.ones(2, 200, dtype=torch.bool, device=DEVICE)
@@ -176,7 +185,8 @@ for path in pathlib.Path(colt5.__file__).parent.glob("*.py"):
 assert "triton" not in needed, needed
 print("ok")
 """
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    paths = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 
