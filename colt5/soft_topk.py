@@ -217,7 +217,10 @@ def soft_topk(
         raise ValueError(f"n_iters must be None (exact) or >= 1, got {n_iters}.")
     dtype = _compute_dtype(scores.dtype)
     *batch_shape, n = scores.shape
-    k_rows = torch.as_tensor(k, dtype=dtype, device=scores.device).expand(batch_shape).reshape(-1)
+    if torch.is_tensor(k):
+        k_rows = k.to(device=scores.device, dtype=dtype).expand(batch_shape).reshape(-1)
+    else:  # filled on the device: a host-to-device copy would wait for the GPU
+        k_rows = torch.full((math.prod(batch_shape),), k, dtype=dtype, device=scores.device)
     if uses_triton(scores, backend):
         from .soft_topk_triton import ExactSoftTopk, IterativeSoftTopk
 

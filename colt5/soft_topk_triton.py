@@ -44,9 +44,10 @@ except ImportError as error:
 BLOCK = 1024  # elements per loop step of a program
 THRESHOLDS = 4  # trial thresholds per pass
 REFINE_PASSES = 2  # parallel trial passes before the per-row finish
-MAX_SPAN = 40.0  # parallel passes share one exp per token, exact while trials lie within this many units of z
+MAX_SPAN = tl.constexpr(40.0)  # trials within this many units of z share one exp per token
 FINISH_PASSES = 96  # bound on the serial passes of a row (each halves its bracket at least)
 STATE = 16  # per-row solver state: see _load_state
+RESIDENT_MAX_TOKENS = 65536  # the iterative forward keeps rows up to this length in registers
 ALL_VALID, ZERO = 1.0, 2.0  # row modes besides the normal one (0): k >= valid count, and k <= 0
 
 
@@ -101,7 +102,8 @@ def _start_state(row_max, total, count, k):
     finite_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     mode = tl.where(k >= count, 1.0, tl.where(k <= 0.0, 2.0, 0.0))
     t0 = finite_max + tl.log(tl.maximum(total, 1e-30) / tl.maximum(k, 1e-30))
-    step = 1e-3 * tl.maximum(tl.abs(t0), 1.0)
+    # First trials just below t0: t0 - t is ~1% of t0 for normal scores of std 1 (the mass above t0 is small).
+    step = 4e-3 * tl.maximum(tl.abs(t0), 1.0)
     zero = tl.full([], 0.0, tl.float32)
     return t0, zero, zero, zero, t0, zero, zero, zero, step, (mode != 0.0).to(tl.float32), mode
 
@@ -187,16 +189,19 @@ def _next_trials(k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step
     lower = tl.where(secant, hi_t - tl.log(tl.maximum(u, 1.0)), lo_t)
     lower = tl.minimum(tl.maximum(lower, lo_t), upper)
     no_token_between = (hi_known != 0.0) & (lo_c == hi_c)
-    settled = (lo_known != 0.0) & (no_token_between | (upper - lower <= 5e-7 * tl.maximum(tl.abs(upper), 1.0)))
+    # Settled when the bounds pin t to 1e-6 (lambda = exp(z - t) then has relative error <= 5e-7 from the midpoint)
+    # or to two float32 ulps of t, about what float32 can resolve.
+    settled = (lo_known != 0.0) & (no_token_between | (upper - lower <= 1e-6 + 2.4e-7 * tl.abs(upper)))
     done = tl.where(settled, 1.0, done)
+    threshold = tl.where(no_token_between, upper, 0.5 * (upper + lower))
     j = tl.arange(0, T).to(tl.float32)
     between = upper + (lower - upper) * j / (T - 1)
-    # Below `upper` with no lower bound yet: steps 0, 1, 4, 16 times `step`, growing 64-fold per pass.
-    search = upper - step * tl.where(j == 0.0, 0.0, tl.exp2(2.0 * (j - 1.0)))
+    # Below `upper` with no lower bound yet: offsets 0, 1, 2, 4 times `step`, which grows 8-fold per pass.
+    search = upper - step * tl.where(j == 0.0, 0.0, tl.exp2(j - 1.0))
     search = tl.maximum(search, upper - max_span)
     trials = tl.where(lo_known != 0.0, between, search)
-    step = tl.where(lo_known != 0.0, step, tl.minimum(step * 64.0, max_span))
-    return trials, upper, step, done
+    step = tl.where(lo_known != 0.0, step, tl.minimum(step * 8.0, max_span))
+    return trials, threshold, step, done
 
 
 @triton.jit
@@ -227,7 +232,7 @@ def _trial_sums(scores_ptr, valid_ptr, row, start, stop, n, eps, trials, HAS_MAS
 
 @triton.jit
 def _refine_kernel(scores_ptr, valid_ptr, k_ptr, stats_ptr, state_in_ptr, sums_in_ptr, state_out_ptr, sums_out_ptr,
-                   n, chunk, eps, max_span, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+                   n, chunk, eps, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
                    T: tl.constexpr, P2: tl.constexpr):
     """One parallel trial pass: every program of a row combines the previous pass (same result in each), picks
     the trials, and measures them on its chunk. Program 0 of the row records the state for the next launch."""
@@ -246,11 +251,11 @@ def _refine_kernel(scores_ptr, valid_ptr, k_ptr, stats_ptr, state_in_ptr, sums_i
         hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known = _update_bracket(
             trials, counts, sums, k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, done, T
         )
-    trials, upper, step, done = _next_trials(
-        k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, max_span, T
+    trials, threshold, step, done = _next_trials(
+        k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, MAX_SPAN, T
     )
     if part == 0:
-        _store_state(state_out_ptr, row, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, upper,
+        _store_state(state_out_ptr, row, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, threshold,
                      mode, trials, T)
     if done == 0.0:
         counts, sums = _trial_sums(scores_ptr, valid_ptr, row, part * chunk, part * chunk + chunk, n, eps, trials,
@@ -273,7 +278,7 @@ def _combine_sums(sums_ptr, row, parts, T: tl.constexpr, P2: tl.constexpr):
 
 @triton.jit
 def _settle(scores_ptr, valid_ptr, row, n, eps, k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step,
-            done, trials, upper, max_passes, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, T: tl.constexpr):
+            done, trials, threshold, max_passes, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, T: tl.constexpr):
     """Serial trial passes over a whole row until it is settled; returns the threshold and the pass count.
     A pass shares one exp per token when the trials span less than MAX_SPAN, else takes one per trial."""
     passes = 0
@@ -285,11 +290,11 @@ def _settle(scores_ptr, valid_ptr, row, n, eps, k, hi_t, hi_c, hi_s, hi_known, l
         hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known = _update_bracket(
             trials, counts, sums, k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, done, T
         )
-        trials, upper, step, done = _next_trials(
+        trials, threshold, step, done = _next_trials(
             k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, float("inf"), T
         )
         passes += 1
-    return upper, passes
+    return threshold, passes
 
 
 @triton.jit
@@ -300,7 +305,7 @@ def _finish_kernel(scores_ptr, valid_ptr, k_ptr, state_ptr, sums_ptr, final_ptr,
     row = tl.program_id(0).to(tl.int64)
     k = tl.load(k_ptr + row)
     hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, mode = _load_state(state_ptr, row)
-    upper = tl.load(state_ptr + row * 16 + 10)
+    threshold = tl.load(state_ptr + row * 16 + 10)
     passes = 0
     if done == 0.0:
         counts, sums = _combine_sums(sums_ptr, row, parts, T, P2)
@@ -308,12 +313,12 @@ def _finish_kernel(scores_ptr, valid_ptr, k_ptr, state_ptr, sums_ptr, final_ptr,
         hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known = _update_bracket(
             trials, counts, sums, k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, done, T
         )
-        trials, upper, step, done = _next_trials(
+        trials, threshold, step, done = _next_trials(
             k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, float("inf"), T
         )
-        upper, passes = _settle(scores_ptr, valid_ptr, row, n, eps, k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c,
-                                lo_s, lo_known, step, done, trials, upper, max_passes, HAS_MASK, BLOCK, T)
-    tl.store(final_ptr + row * 3, upper)
+        threshold, passes = _settle(scores_ptr, valid_ptr, row, n, eps, k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c,
+                                lo_s, lo_known, step, done, trials, threshold, max_passes, HAS_MASK, BLOCK, T)
+    tl.store(final_ptr + row * 3, threshold)
     tl.store(final_ptr + row * 3 + 1, mode)
     tl.store(final_ptr + row * 3 + 2, passes.to(tl.float32))
 
@@ -351,35 +356,48 @@ def _exact_row_kernel(scores_ptr, valid_ptr, k_ptr, lambdas_ptr, final_ptr, n, e
     hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, mode = _start_state(
         row_max, total, count, k
     )
-    trials, upper, step, done = _next_trials(
+    trials, threshold, step, done = _next_trials(
         k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, float("inf"), T
     )
-    upper, passes = _settle(scores_ptr, valid_ptr, row, n, eps, k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s,
-                            lo_known, step, done, trials, upper, max_passes, HAS_MASK, BLOCK, T)
-    tl.store(final_ptr + row * 3, upper)
+    threshold, passes = _settle(scores_ptr, valid_ptr, row, n, eps, k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s,
+                            lo_known, step, done, trials, threshold, max_passes, HAS_MASK, BLOCK, T)
+    tl.store(final_ptr + row * 3, threshold)
     tl.store(final_ptr + row * 3 + 1, mode)
     tl.store(final_ptr + row * 3 + 2, passes.to(tl.float32))
-    _write_lambdas(scores_ptr, valid_ptr, lambdas_ptr, row, 0, n, n, eps, upper, mode, HAS_MASK, BLOCK)
+    _write_lambdas(scores_ptr, valid_ptr, lambdas_ptr, row, 0, n, n, eps, threshold, mode, HAS_MASK, BLOCK)
+
+
+@triton.jit
+def _capped_terms(s, ok, cap, eps, ref):
+    """Lane terms of one coordinate-descent step: exp(s / eps - ref) below the cap, and the capped count."""
+    below = s < cap
+    return tl.where(ok & below, tl.exp(s / eps - ref), 0.0), tl.where(ok & ~below, 1.0, 0.0)
 
 
 @triton.jit
 def _iterative_forward_kernel(scores_ptr, valid_ptr, k_ptr, eps_ptr, lambdas_ptr, shifts_ptr, lse_ptr, capped_ptr,
-                              n, n_steps, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+                              n, n_steps, HAS_MASK: tl.constexpr, RESIDENT: tl.constexpr, BLOCK: tl.constexpr):
     """One program per row: the paper's coordinate descent as its recursion on the shift a (see soft_topk.py),
     a_{t+1} = eps_t * (log k - logsumexp_j(min(s_j, -a_t) / eps_t)). Stores a_t, the log-sum-exp and the count of
     capped tokens of each iteration for the backward pass. Rows with k >= valid count (or k <= 0) store
-    a = 0, logsumexp = inf, count = 0, which makes their backward terms vanish."""
+    a = 0, logsumexp = inf, count = 0, which makes their backward terms vanish. RESIDENT: the row fits one
+    BLOCK and stays in registers across the iterations; otherwise every iteration re-reads it (from L2)."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     k = tl.load(k_ptr + row)
-    lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
-    lane_count = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, n, BLOCK):
-        s, ok = _load_z(scores_ptr, valid_ptr, row, start + offs, n, 1.0, HAS_MASK)
-        lane_max = tl.maximum(lane_max, tl.where(ok, s, float("-inf")))
-        lane_count += ok.to(tl.float32)
-    row_max = tl.max(lane_max, 0)
-    count = tl.sum(lane_count, 0)
+    if RESIDENT:
+        s_row, ok_row = _load_z(scores_ptr, valid_ptr, row, offs, n, 1.0, HAS_MASK)
+        row_max = tl.max(tl.where(ok_row, s_row, float("-inf")), 0)
+        count = tl.sum(ok_row.to(tl.float32), 0)
+    else:
+        lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
+        lane_count = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, n, BLOCK):
+            s, ok = _load_z(scores_ptr, valid_ptr, row, start + offs, n, 1.0, HAS_MASK)
+            lane_max = tl.maximum(lane_max, tl.where(ok, s, float("-inf")))
+            lane_count += ok.to(tl.float32)
+        row_max = tl.max(lane_max, 0)
+        count = tl.sum(lane_count, 0)
     normal = (k < count) & (k > 0.0)
     log_k = tl.log(tl.where(normal, k, 1.0))
     shift = tl.where(normal, tl.load(eps_ptr) * (log_k - tl.log(tl.maximum(count, 1.0))), 0.0)
@@ -390,13 +408,16 @@ def _iterative_forward_kernel(scores_ptr, valid_ptr, k_ptr, eps_ptr, lambdas_ptr
         eps = tl.load(eps_ptr + step)
         cap = -shift
         ref = tl.minimum(row_max, cap) / eps
-        lane_sum = tl.zeros([BLOCK], tl.float32)
-        lane_capped = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, n, BLOCK):
-            s, ok = _load_z(scores_ptr, valid_ptr, row, start + offs, n, 1.0, HAS_MASK)
-            below = s < cap
-            lane_sum += tl.where(ok & below, tl.exp(s / eps - ref), 0.0)
-            lane_capped += tl.where(ok & ~below, 1.0, 0.0)
+        if RESIDENT:
+            lane_sum, lane_capped = _capped_terms(s_row, ok_row, cap, eps, ref)
+        else:
+            lane_sum = tl.zeros([BLOCK], tl.float32)
+            lane_capped = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, n, BLOCK):
+                s, ok = _load_z(scores_ptr, valid_ptr, row, start + offs, n, 1.0, HAS_MASK)
+                block_sum, block_capped = _capped_terms(s, ok, cap, eps, ref)
+                lane_sum += block_sum
+                lane_capped += block_capped
         capped = tl.sum(lane_capped, 0)
         lse = ref + tl.log(tl.sum(lane_sum, 0) + capped * tl.exp(cap / eps - ref))
         shift = tl.where(normal, eps * (log_k - lse), 0.0)
@@ -503,13 +524,18 @@ def _iterative_backward_kernel(scores_ptr, valid_ptr, lambdas_ptr, grad_ptr, sum
         tl.store(out_ptr + row * n + idx, grad.to(out_ptr.dtype.element_ty), mask=inside)
 
 
+@functools.lru_cache(maxsize=16)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 FUSED_MAX_TOKENS = 65536  # rows up to this length run in one program per row (fewer launches); longer ones in chunks
 
 
 def _layout(rows: int, n: int, device: torch.device) -> tuple[int, int]:
     """(chunks per row, chunk length). One chunk (a program per row, FUSED kernels) for rows up to
     FUSED_MAX_TOKENS or when the rows alone fill the GPU; else about four programs per multiprocessor."""
-    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    multiprocessors = _multiprocessors(device)
     if n <= FUSED_MAX_TOKENS or rows >= 2 * multiprocessors:
         return 1, triton.cdiv(n, BLOCK) * BLOCK
     parts = max(1, min(triton.cdiv(n, BLOCK), triton.cdiv(4 * multiprocessors, rows)))
@@ -550,7 +576,7 @@ def exact_forward(
         previous = max(index - 1, 0)
         _refine_kernel[grid](
             scores, mask, k, stats, states[previous], sums[previous], states[index], sums[index], n, chunk, eps,
-            MAX_SPAN, FIRST=index == 0, HAS_MASK=has_mask, BLOCK=BLOCK, T=THRESHOLDS, P2=p2,
+            FIRST=index == 0, HAS_MASK=has_mask, BLOCK=BLOCK, T=THRESHOLDS, P2=p2,
         )
     _finish_kernel[(rows,)](scores, mask, k, states[-1], sums[-1], final, n, eps, parts, FINISH_PASSES,
                             HAS_MASK=has_mask, BLOCK=BLOCK, T=THRESHOLDS, P2=p2)
@@ -596,8 +622,11 @@ def iterative_forward(
     f32 = dict(device=scores.device, dtype=torch.float32)
     lambdas = torch.empty(rows, n, **f32)
     shifts, lse, capped = (torch.empty(rows, steps, **f32) for _ in range(3))
+    resident = n <= RESIDENT_MAX_TOKENS
+    block = triton.next_power_of_2(n) if resident else BLOCK
     _iterative_forward_kernel[(rows,)](
-        scores, mask, k, eps, lambdas, shifts, lse, capped, n, steps, HAS_MASK=has_mask, BLOCK=BLOCK
+        scores, mask, k, eps, lambdas, shifts, lse, capped, n, steps, HAS_MASK=has_mask, RESIDENT=resident,
+        BLOCK=block, num_warps=min(32, max(4, block // 1024)),
     )
     return lambdas, (eps, shifts, lse, capped)
 
