@@ -42,11 +42,14 @@ except ImportError as error:
 
 
 BLOCK = 1024  # elements per loop step of a program
-THRESHOLDS = 4  # trial thresholds per pass
+NUM_WARPS = 4  # warps per program of the chunked kernels
+PROGRAMS_PER_MULTIPROCESSOR = 4  # chunked rows: aim for this many programs per multiprocessor
+THRESHOLDS = 8  # trial thresholds per pass
 REFINE_PASSES = 2  # parallel trial passes before the per-row finish
 MAX_SPAN = tl.constexpr(40.0)  # trials within this many units of z share one exp per token
 FINISH_PASSES = 96  # bound on the serial passes of a row (each halves its bracket at least)
-STATE = 16  # per-row solver state: see _load_state
+STATE_SLOTS = 24  # per-row solver state: 12 scalars (see _load_state) and the THRESHOLDS trials
+STATE = tl.constexpr(STATE_SLOTS)
 RESIDENT_MAX_TOKENS = 65536  # the iterative forward keeps rows up to this length in registers
 ALL_VALID, ZERO = 1.0, 2.0  # row modes besides the normal one (0): k >= valid count, and k <= 0
 
@@ -63,22 +66,21 @@ def _load_z(scores_ptr, valid_ptr, row, idx, n, eps, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def _span_stats(scores_ptr, valid_ptr, row, start, stop, n, eps, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """Max of z, sum of exp(z - max) and valid count over tokens start..stop of a row."""
+    """Max of z, sum of exp(z - max) and valid count over tokens start..stop of a row. The running max is a
+    scalar updated once per block, so a token costs one exp."""
     offs = tl.arange(0, BLOCK)
-    lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    running_max = tl.full([], float("-inf"), tl.float32)
     lane_sum = tl.zeros([BLOCK], tl.float32)
     lane_count = tl.zeros([BLOCK], tl.float32)
     for block_start in range(start, stop, BLOCK):
         z, ok = _load_z(scores_ptr, valid_ptr, row, block_start + offs, n, eps, HAS_MASK)
         z = tl.where(ok, z, float("-inf"))
-        new_max = tl.maximum(lane_max, z)
+        new_max = tl.maximum(running_max, tl.max(z, 0))
         finite_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        lane_sum = lane_sum * tl.exp(lane_max - finite_max) + tl.exp(z - finite_max)
-        lane_max = new_max
+        lane_sum = lane_sum * tl.exp(running_max - finite_max) + tl.exp(z - finite_max)
+        running_max = new_max
         lane_count += ok.to(tl.float32)
-    span_max = tl.max(lane_max, 0)
-    finite_max = tl.where(span_max == float("-inf"), 0.0, span_max)
-    return span_max, tl.sum(lane_sum * tl.exp(lane_max - finite_max), 0), tl.sum(lane_count, 0)
+    return running_max, tl.sum(lane_sum, 0), tl.sum(lane_count, 0)
 
 
 @triton.jit
@@ -102,8 +104,9 @@ def _start_state(row_max, total, count, k):
     finite_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     mode = tl.where(k >= count, 1.0, tl.where(k <= 0.0, 2.0, 0.0))
     t0 = finite_max + tl.log(tl.maximum(total, 1e-30) / tl.maximum(k, 1e-30))
-    # First trials just below t0: t0 - t is ~1% of t0 for normal scores of std 1 (the mass above t0 is small).
-    step = 4e-3 * tl.maximum(tl.abs(t0), 1.0)
+    # First trials just below t0: for normal scores of std 1, t0 - t is under 1% of t0 (little mass above t0),
+    # and trials that close settle such rows in one parallel pass.
+    step = 2e-3 * tl.maximum(tl.abs(t0), 1.0)
     zero = tl.full([], 0.0, tl.float32)
     return t0, zero, zero, zero, t0, zero, zero, zero, step, (mode != 0.0).to(tl.float32), mode
 
@@ -124,7 +127,7 @@ def _initial_state(stats_ptr, row, parts, k, P2: tl.constexpr):
 
 @triton.jit
 def _load_state(state_ptr, row):
-    base = state_ptr + row * 16
+    base = state_ptr + row * STATE
     return (
         tl.load(base), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3),  # hi: t, count, sum, known
         tl.load(base + 4), tl.load(base + 5), tl.load(base + 6), tl.load(base + 7),  # lo: t, count, sum, known
@@ -135,7 +138,7 @@ def _load_state(state_ptr, row):
 @triton.jit
 def _store_state(state_ptr, row, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, t, mode, trials,
                  T: tl.constexpr):
-    base = state_ptr + row * 16
+    base = state_ptr + row * STATE
     tl.store(base, hi_t)
     tl.store(base + 1, hi_c)
     tl.store(base + 2, hi_s)
@@ -178,7 +181,10 @@ def _next_trials(k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step
                  T: tl.constexpr):
     """Bounds from the bracket, whether they settle the row, and the next trial thresholds (descending)."""
     newton_ok = (hi_known != 0.0) & (hi_s > 0.0) & (k > hi_c)
-    upper = tl.where(newton_ok, tl.minimum(hi_t + tl.log(hi_s / tl.where(newton_ok, k - hi_c, 1.0)), hi_t), hi_t)
+    # (Logs taken apart: hi_s can be subnormal, and hi_s / (k - hi_c) would flush to zero.)
+    newton = hi_t + tl.log(tl.where(newton_ok, hi_s, 1.0)) - tl.log(tl.where(newton_ok, k - hi_c, 1.0))
+    upper = tl.where(newton_ok, tl.minimum(newton, hi_t), hi_t)
+    upper = tl.where(lo_known != 0.0, tl.maximum(upper, lo_t), upper)  # rounding must not leave the bracket
     # Secant in u = exp(hi_t - t) through F(hi) at u = 1 and F(lo) at u_lo.
     f_hi = hi_c + hi_s
     f_lo = lo_c + lo_s
@@ -189,18 +195,18 @@ def _next_trials(k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step
     lower = tl.where(secant, hi_t - tl.log(tl.maximum(u, 1.0)), lo_t)
     lower = tl.minimum(tl.maximum(lower, lo_t), upper)
     no_token_between = (hi_known != 0.0) & (lo_c == hi_c)
-    # Settled when the bounds pin t to 1e-6 (lambda = exp(z - t) then has relative error <= 5e-7 from the midpoint)
-    # or to two float32 ulps of t, about what float32 can resolve.
-    settled = (lo_known != 0.0) & (no_token_between | (upper - lower <= 1e-6 + 2.4e-7 * tl.abs(upper)))
+    # Settled when the bounds pin t to 4e-6 plus two float32 ulps of t: lambda = exp(z - t) at the midpoint then has
+    # relative error <= 2e-6 beyond what float32 can resolve of z.
+    settled = (lo_known != 0.0) & (no_token_between | (upper - lower <= 4e-6 + 2.4e-7 * tl.abs(upper)))
     done = tl.where(settled, 1.0, done)
     threshold = tl.where(no_token_between, upper, 0.5 * (upper + lower))
     j = tl.arange(0, T).to(tl.float32)
     between = upper + (lower - upper) * j / (T - 1)
-    # Below `upper` with no lower bound yet: offsets 0, 1, 2, 4 times `step`, which grows 8-fold per pass.
-    search = upper - step * tl.where(j == 0.0, 0.0, tl.exp2(j - 1.0))
+    # Below `upper` with no lower bound yet: offsets 0 and step * sqrt(2)^(j - 1); the step grows past the last.
+    search = upper - step * tl.where(j == 0.0, 0.0, tl.exp2(0.5 * (j - 1.0)))
     search = tl.maximum(search, upper - max_span)
     trials = tl.where(lo_known != 0.0, between, search)
-    step = tl.where(lo_known != 0.0, step, tl.minimum(step * 8.0, max_span))
+    step = tl.where(lo_known != 0.0, step, tl.minimum(step * tl.exp2(0.5 * (T - 1)), max_span))
     return trials, threshold, step, done
 
 
@@ -247,7 +253,7 @@ def _refine_kernel(scores_ptr, valid_ptr, k_ptr, stats_ptr, state_in_ptr, sums_i
     else:
         hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, mode = _load_state(state_in_ptr, row)
         counts, sums = _combine_sums(sums_in_ptr, row, parts, T, P2)
-        trials = tl.load(state_in_ptr + row * 16 + 12 + tl.arange(0, T))
+        trials = tl.load(state_in_ptr + row * STATE + 12 + tl.arange(0, T))
         hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known = _update_bracket(
             trials, counts, sums, k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, done, T
         )
@@ -305,11 +311,11 @@ def _finish_kernel(scores_ptr, valid_ptr, k_ptr, state_ptr, sums_ptr, final_ptr,
     row = tl.program_id(0).to(tl.int64)
     k = tl.load(k_ptr + row)
     hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, step, done, mode = _load_state(state_ptr, row)
-    threshold = tl.load(state_ptr + row * 16 + 10)
+    threshold = tl.load(state_ptr + row * STATE + 10)
     passes = 0
     if done == 0.0:
         counts, sums = _combine_sums(sums_ptr, row, parts, T, P2)
-        trials = tl.load(state_ptr + row * 16 + 12 + tl.arange(0, T))
+        trials = tl.load(state_ptr + row * STATE + 12 + tl.arange(0, T))
         hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known = _update_bracket(
             trials, counts, sums, k, hi_t, hi_c, hi_s, hi_known, lo_t, lo_c, lo_s, lo_known, done, T
         )
@@ -534,11 +540,12 @@ FUSED_MAX_TOKENS = 65536  # rows up to this length run in one program per row (f
 
 def _layout(rows: int, n: int, device: torch.device) -> tuple[int, int]:
     """(chunks per row, chunk length). One chunk (a program per row, FUSED kernels) for rows up to
-    FUSED_MAX_TOKENS or when the rows alone fill the GPU; else about four programs per multiprocessor."""
+    FUSED_MAX_TOKENS or when the rows alone fill the GPU; else PROGRAMS_PER_MULTIPROCESSOR programs per
+    multiprocessor."""
     multiprocessors = _multiprocessors(device)
     if n <= FUSED_MAX_TOKENS or rows >= 2 * multiprocessors:
         return 1, triton.cdiv(n, BLOCK) * BLOCK
-    parts = max(1, min(triton.cdiv(n, BLOCK), triton.cdiv(4 * multiprocessors, rows)))
+    parts = max(1, min(triton.cdiv(n, BLOCK), triton.cdiv(PROGRAMS_PER_MULTIPROCESSOR * multiprocessors, rows)))
     chunk = triton.cdiv(triton.cdiv(n, parts), BLOCK) * BLOCK
     return triton.cdiv(n, chunk), chunk
 
@@ -568,19 +575,20 @@ def exact_forward(
         return lambdas, final[:, 2]
     p2 = triton.next_power_of_2(parts)
     stats = torch.empty(rows, parts, 3, **f32)
-    states = torch.empty(REFINE_PASSES, rows, STATE, **f32)
+    states = torch.empty(REFINE_PASSES, rows, STATE_SLOTS, **f32)
     sums = torch.empty(REFINE_PASSES, rows, parts, 2, THRESHOLDS, **f32)
     grid = (rows, parts)
-    _row_stats_kernel[grid](scores, mask, stats, n, chunk, eps, HAS_MASK=has_mask, BLOCK=BLOCK)
+    _row_stats_kernel[grid](scores, mask, stats, n, chunk, eps, HAS_MASK=has_mask, BLOCK=BLOCK, num_warps=NUM_WARPS)
     for index in range(REFINE_PASSES):
         previous = max(index - 1, 0)
         _refine_kernel[grid](
             scores, mask, k, stats, states[previous], sums[previous], states[index], sums[index], n, chunk, eps,
-            FIRST=index == 0, HAS_MASK=has_mask, BLOCK=BLOCK, T=THRESHOLDS, P2=p2,
+            FIRST=index == 0, HAS_MASK=has_mask, BLOCK=BLOCK, T=THRESHOLDS, P2=p2, num_warps=NUM_WARPS,
         )
     _finish_kernel[(rows,)](scores, mask, k, states[-1], sums[-1], final, n, eps, parts, FINISH_PASSES,
                             HAS_MASK=has_mask, BLOCK=BLOCK, T=THRESHOLDS, P2=p2)
-    _write_lambdas_kernel[grid](scores, mask, final, lambdas, n, chunk, eps, HAS_MASK=has_mask, BLOCK=BLOCK)
+    _write_lambdas_kernel[grid](scores, mask, final, lambdas, n, chunk, eps, HAS_MASK=has_mask, BLOCK=BLOCK,
+                                num_warps=NUM_WARPS)
     return lambdas, final[:, 2]
 
 
@@ -591,7 +599,7 @@ def _weighted_sums(lambdas: torch.Tensor, grad: torch.Tensor, eps: float) -> tup
     if parts == 1:
         return lambdas, parts, chunk  # never read
     sums = torch.empty(rows, parts, 2, device=lambdas.device, dtype=torch.float32)
-    _weighted_sums_kernel[(rows, parts)](lambdas, grad, sums, n, chunk, eps, BLOCK=BLOCK)
+    _weighted_sums_kernel[(rows, parts)](lambdas, grad, sums, n, chunk, eps, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return sums, parts, chunk
 
 
@@ -601,7 +609,8 @@ def exact_backward(lambdas: torch.Tensor, grad: torch.Tensor, eps: float, dtype:
     sums, parts, chunk = _weighted_sums(lambdas, grad, eps)
     out = torch.empty(rows, n, device=lambdas.device, dtype=dtype)
     _exact_backward_kernel[(rows, parts)](
-        lambdas, grad, sums, out, n, chunk, eps, FUSED=parts == 1, BLOCK=BLOCK, P2=triton.next_power_of_2(parts)
+        lambdas, grad, sums, out, n, chunk, eps, FUSED=parts == 1, BLOCK=BLOCK, P2=triton.next_power_of_2(parts),
+        num_warps=NUM_WARPS,
     )
     return out
 
@@ -647,7 +656,7 @@ def iterative_backward(
     out = torch.empty(rows, n, device=scores.device, dtype=scores.dtype)
     _iterative_backward_kernel[(rows, parts)](
         scores, mask, lambdas, grad, sums, eps, shifts, lse, capped, out, n, chunk, eps.shape[0], last_eps,
-        HAS_MASK=has_mask, FUSED=parts == 1, BLOCK=BLOCK, P2=triton.next_power_of_2(parts),
+        HAS_MASK=has_mask, FUSED=parts == 1, BLOCK=BLOCK, P2=triton.next_power_of_2(parts), num_warps=NUM_WARPS,
     )
     return out
 

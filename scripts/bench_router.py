@@ -116,6 +116,26 @@ def graph_times(scores: torch.Tensor, grad: torch.Tensor, k: float) -> dict:
     return out
 
 
+def kernel_profile(scores: torch.Tensor, grad: torch.Tensor, k: float) -> dict:
+    """Device time per kernel (microseconds per call) of the exact mode's forward and backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = scores.shape[0]
+    k_rows = torch.full((rows,), k, device=scores.device)
+    repeats = 10
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            soft_topk_triton.exact_backward(
+                soft_topk_triton.exact_forward(scores, k_rows, None, 1.0)[0], grad, 1.0, scores.dtype
+            )
+        torch.cuda.synchronize()
+    return {
+        event.key: event.device_time_total / repeats
+        for event in prof.key_averages()
+        if event.device_time_total > 0 and event.key.startswith("_")
+    }
+
+
 def check(scores: torch.Tensor, grad: torch.Tensor, k: float) -> dict:
     """Relative errors of the Triton modes against the float64 PyTorch reference, and of bf16 scores."""
     out = {}
@@ -194,6 +214,8 @@ def main() -> None:
         row["methods"] = {name: time_method(fn, scores, grad) for name, fn in methods(k).items()}
         row["methods"]["triton exact"].update(graph_times(scores.detach(), grad, k))
         row["check"] = check(scores, grad, k)
+        if n == max(args.sizes):
+            row["exact_kernels_us"] = kernel_profile(scores.detach(), grad, k)
         results.append(row)
         print(f"n={n} done", flush=True)
 
@@ -227,6 +249,10 @@ def main() -> None:
               f"{exact['graph_forward_ms'] / row['floor_forward_ms']:.2f}x / "
               f"{exact['graph_forward_backward_ms'] / row['floor_forward_backward_ms']:.2f}x the floor")
         print(f"{row['n']:>8} {'check':<14} " + " ".join(f"{key} {value:.1e}" for key, value in row["check"].items()))
+        if "exact_kernels_us" in row:
+            print(f"{row['n']:>8} {'exact kernels':<14} " + ", ".join(
+                f"{name} {us:.1f} us" for name, us in sorted(row["exact_kernels_us"].items(), key=lambda kv: -kv[1])
+            ))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "results": results}, f, indent=1)
