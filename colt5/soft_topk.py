@@ -23,6 +23,7 @@ argument is "auto") says "torch".
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -155,6 +156,15 @@ def eps_steps_for(n_iters: int, eps: float, eps_schedule: Sequence[float] | None
     return tuple(max(start * decay**step, eps) for step in range(n_iters))
 
 
+@functools.lru_cache(maxsize=64)
+def _constant_amounts(k: float, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A read-only `(rows,)` tensor of k, made once per (k, rows, dtype, device): filling it on the device each call
+    costs a launch, and copying it from the host waits for the GPU. Made outside inference mode, so a first call
+    under torch.inference_mode() does not leave an inference tensor for later autograd use."""
+    with torch.inference_mode(False):
+        return torch.full((rows,), k, dtype=dtype, device=device)
+
+
 def uses_triton(scores: torch.Tensor, backend: str = "auto") -> bool:
     """Whether `soft_topk(scores, ..., backend=backend)` runs the Triton kernels.
 
@@ -219,8 +229,8 @@ def soft_topk(
     *batch_shape, n = scores.shape
     if torch.is_tensor(k):
         k_rows = k.to(device=scores.device, dtype=dtype).expand(batch_shape).reshape(-1)
-    else:  # filled on the device: a host-to-device copy would wait for the GPU
-        k_rows = torch.full((math.prod(batch_shape),), k, dtype=dtype, device=scores.device)
+    else:
+        k_rows = _constant_amounts(float(k), math.prod(batch_shape), dtype, scores.device)
     if uses_triton(scores, backend):
         from .soft_topk_triton import ExactSoftTopk, IterativeSoftTopk
 
