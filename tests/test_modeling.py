@@ -140,9 +140,10 @@ def test_config_accepts_counts_and_fractions(tiny_config, field, value):
 
 def test_config_accepts_valid_router_settings(tiny_config):
     config = tiny_config(router_iterations=4, router_eps_schedule=[8.0, 0.5], router_eps=0.1, route_block_size=16,
-                         num_kv_routing_sets=2, router_straight_through=True)
+                         num_kv_routing_sets=2, router_straight_through=True, router_backend="torch")
     assert config.router_kwargs() == dict(
-        fetch_ratio=9 / 8, eps=0.1, n_iters=4, eps_schedule=[8.0, 0.5], straight_through=True, route_block_size=16
+        fetch_ratio=9 / 8, eps=0.1, n_iters=4, eps_schedule=[8.0, 0.5], straight_through=True, route_block_size=16,
+        backend="torch",
     )
 
 

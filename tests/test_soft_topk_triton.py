@@ -212,3 +212,45 @@ def test_bf16_long_rows_on_gpu(n_iters):
     assert rel_err(lam, reference) <= 1e-5
     (lam * torch.randn_like(lam)).sum().backward()
     assert torch.isfinite(scores.grad).all()
+
+
+@pytest.mark.parametrize("router_iterations", [None, 6])
+def test_model_routes_with_the_kernels_as_with_pytorch(tiny_config, router_iterations, monkeypatch):
+    """config.router_backend reaches every router: a model on the Triton backend runs the kernels and computes
+    what it computes on the PyTorch backend (float32, same weights), gradients included."""
+    from colt5 import CoLT5Model
+
+    calls = []
+    function = soft_topk_triton.ExactSoftTopk if router_iterations is None else soft_topk_triton.IterativeSoftTopk
+    original = function.apply
+    monkeypatch.setattr(function, "apply", lambda *args: calls.append(1) or original(*args))
+    ids = torch.randint(0, 300, (2, 48), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, 40:] = 0
+    outputs = {}
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        model = CoLT5Model(tiny_config(router_backend=backend, router_iterations=router_iterations)).to(DEVICE)
+        hidden = model(ids, attention_mask=mask).last_hidden_state
+        hidden.square().mean().backward()
+        outputs[backend] = hidden, model.layers[0].attention.kv_router.routing_vectors.grad
+    assert len(calls) == 2 * 3  # two layers, three routers each, on the Triton backend only
+    assert torch.allclose(outputs["triton"][0], outputs["torch"][0], atol=1e-5, rtol=1e-4)
+    assert torch.allclose(outputs["triton"][1], outputs["torch"][1], atol=1e-5, rtol=1e-4)
+
+
+@gpu
+def test_bf16_autocast_training_step_uses_the_kernels(tiny_config, monkeypatch):
+    from colt5 import CoLT5ForCausalLM, CoLT5Model
+
+    calls = []
+    original = soft_topk_triton.ExactSoftTopk.apply
+    monkeypatch.setattr(soft_topk_triton.ExactSoftTopk, "apply", lambda *a: calls.append(1) or original(*a))
+    for model in (CoLT5Model(tiny_config()).cuda(), CoLT5ForCausalLM(tiny_config(is_causal=True)).cuda()):
+        ids = torch.randint(0, 300, (2, 256), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids)
+        hidden = out.logits if isinstance(model, CoLT5ForCausalLM) else out.last_hidden_state
+        hidden.float().square().mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert calls  # auto: the Triton router ran on CUDA
