@@ -1,19 +1,21 @@
 # Copyright 2026 The CoLT5 developers. Licensed under the Apache License, Version 2.0.
 """Triton kernels for the soft top-k (soft_topk.py holds the PyTorch reference and the dispatch).
 
-Rows are split into chunks, one program per (row, chunk), so a row of any length uses the whole GPU and no program
-ever holds a whole row.
+Rows up to FUSED_MAX_TOKENS run in one program per row (one launch forward, one backward). Longer rows are split
+into chunks, one program per (row, chunk), so a row of any length uses the whole GPU and no program ever holds a
+whole row.
 
 Exact mode: find the threshold `t = -alpha` with `F(t) = sum_j min(exp(z_j - t), 1) = k` (z = scores / eps).
-F falls as t rises, and every pass over a row measures, at T trial thresholds at once, the count of z_j >= t
-and the sum of exp(z_j - t) below it: F exactly at each trial. The trials keep a bracket [lo, hi] around the
-answer with F(hi) <= k <= F(lo). F is concave in u = exp(-t), so Newton's step from hi never overshoots (an upper
-bound on t) and the secant through lo and hi never undershoots (a lower bound); the next trials are those two
-bounds and points between them. A row is done when the bounds meet (to 5e-7 relative) or no token lies between
-lo and hi (then Newton's step is exact). Launches: row maxima and log-sum-exps; `REFINE_PASSES` parallel trial
-passes (enough for moderate score spreads, 1-2 passes at std 1); one program per row that finishes any row still
-open (sharp score distributions) by further serial passes; the write of lambda. The backward is the implicit
-gradient `w * (g - sum(w g) / sum(w))` with `w = lambda / eps` where 0 < lambda < 1: a reduction and a write.
+F falls as t rises, and every pass over a row measures, at THRESHOLDS trial thresholds at once, the count of
+z_j >= t and the sum of exp(z_j - t) below it: F exactly at each trial. The trials keep a bracket [lo, hi] around
+the answer with F(hi) <= k <= F(lo). F is concave in u = exp(-t), so Newton's step from hi never overshoots (an
+upper bound on t) and the secant through lo and hi never undershoots (a lower bound); the next trials are those
+two bounds and points between them. A row is done when the bounds are 4e-6 (plus two float32 ulps of t) apart,
+or no token lies between lo and hi (then Newton's step is exact). Chunked launches: row maxima and
+log-sum-exps; REFINE_PASSES parallel trial passes (normal scores of std 1 settle in the first); one program per
+row that finishes any row still open (heavy-tailed scores) by serial passes; the write of lambda. The backward
+is the implicit gradient `w * (g - sum(w g) / sum(w))` with `w = lambda / eps` where 0 < lambda < 1: a
+reduction and a write.
 
 Iterative mode: the coordinate descent is a recursion on one shift per row (soft_topk.py), so one program per row
 runs it (a pass over the row per iteration, served from L2 for long rows) and stores each iteration's shift,
@@ -26,7 +28,6 @@ All arithmetic is float32; scores may be float32, bfloat16 or float16.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -47,11 +48,10 @@ PROGRAMS_PER_MULTIPROCESSOR = 4  # chunked rows: aim for this many programs per 
 THRESHOLDS = 8  # trial thresholds per pass
 REFINE_PASSES = 2  # parallel trial passes before the per-row finish
 MAX_SPAN = tl.constexpr(40.0)  # trials within this many units of z share one exp per token
-FINISH_PASSES = 96  # bound on the serial passes of a row (each halves its bracket at least)
+FINISH_PASSES = 96  # bound on the serial passes of a row (each narrows its bracket several-fold)
 STATE_SLOTS = 24  # per-row solver state: 12 scalars (see _load_state) and the THRESHOLDS trials
 STATE = tl.constexpr(STATE_SLOTS)
 RESIDENT_MAX_TOKENS = 65536  # the iterative forward keeps rows up to this length in registers
-ALL_VALID, ZERO = 1.0, 2.0  # row modes besides the normal one (0): k >= valid count, and k <= 0
 
 
 @triton.jit

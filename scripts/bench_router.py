@@ -171,6 +171,8 @@ def plot(results: list[dict], gpu: str, path: str) -> None:
             points = [(r["n"], r["methods"][name][key]) for r in results if key in r["methods"].get(name, {})]
             if points:
                 ax.plot(*zip(*points), marker="o", label=name)
+        graph = [(r["n"], r["methods"]["triton exact"]["graph_" + key]) for r in results]
+        ax.plot(*zip(*graph), marker="s", linestyle=":", label="triton exact, CUDA graph")
         floor_key = "floor_forward_ms" if key == "forward_ms" else "floor_forward_backward_ms"
         ax.plot([r["n"] for r in results], [r[floor_key] for r in results], "k--", label="bandwidth floor")
         ax.set_xscale("log", base=2)
