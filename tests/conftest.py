@@ -29,6 +29,14 @@ TINY_CONFIG = dict(
 )
 
 
+@pytest.fixture
+def pythonpath_without_package() -> str:
+    """PYTHONPATH for a subprocess that must not see this repository's package (remote-code tests), keeping the
+    other entries (e.g. a folder of extra wheels on a GPU machine)."""
+    entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    return os.pathsep.join(e for e in entries if e and not os.path.isdir(os.path.join(e, "colt5")))
+
+
 @pytest.fixture(autouse=True)
 def _seed_torch():
     torch.manual_seed(0)

@@ -665,7 +665,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_generate_as_remote_code_without_the_package(causal_config, tmp_path):
+def test_generate_as_remote_code_without_the_package(causal_config, tmp_path, pythonpath_without_package):
     model = CoLT5ForCausalLM(causal_config()).eval()
     expected_statistics = distinctive_router_statistics(model)
     model.save_pretrained(tmp_path / "model")
@@ -676,7 +676,7 @@ def test_generate_as_remote_code_without_the_package(causal_config, tmp_path):
     (tmp_path / "remote.py").write_text(REMOTE_SCRIPT)
     hf_home = tmp_path / "hf_home"
     hf_home.mkdir()
-    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
+    env = {**os.environ, "PYTHONPATH": pythonpath_without_package, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
     env.pop("HF_MODULES_CACHE", None)
 
     result = subprocess.run(

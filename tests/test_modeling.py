@@ -504,7 +504,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_load_as_remote_code_without_the_package(tiny_config, tmp_path):
+def test_load_as_remote_code_without_the_package(tiny_config, tmp_path, pythonpath_without_package):
     model = CoLT5Model(tiny_config(num_kv_routing_sets=2)).eval()
     classifier = CoLT5ForSequenceClassification(tiny_config(num_labels=3)).eval()
     model.save_pretrained(tmp_path / "model")
@@ -514,7 +514,7 @@ def test_load_as_remote_code_without_the_package(tiny_config, tmp_path):
     (tmp_path / "remote.py").write_text(REMOTE_SCRIPT)
     hf_home = tmp_path / "hf_home"
     hf_home.mkdir()
-    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
+    env = {**os.environ, "PYTHONPATH": pythonpath_without_package, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
     env.pop("HF_MODULES_CACHE", None)
 
     result = subprocess.run(
