@@ -15,7 +15,28 @@ from .routed_attention import ConditionalRoutedAttention
 from .routed_feedforward import CausalRoutedFeedForward, ConditionalRoutedFeedForward
 
 
-class ConditionalRoutedTransformerBlock(nn.Module):
+class _PreNormResidualBlock(nn.Module):
+    """The scaffolding both blocks share: an RMSNorm before each branch, dropout on each branch's output, residual
+    adds. Subclasses build the two branches and run the attention (whose signature differs)."""
+
+    def __init__(self, dim: int, norm_eps: float, dropout: float, attention: nn.Module, feedforward: nn.Module):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.attention = attention
+        self.feedforward_norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.feedforward = feedforward
+        self.dropout = nn.Dropout(dropout)
+
+    def _add_branches(
+        self, hidden_states: torch.Tensor, attended: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`x + dropout(attended)`, then `x + dropout(FF(norm(x)))`."""
+        hidden_states = hidden_states + self.dropout(attended)
+        fed = self.feedforward(self.feedforward_norm(hidden_states), attention_mask)
+        return hidden_states + self.dropout(fed)
+
+
+class ConditionalRoutedTransformerBlock(_PreNormResidualBlock):
     """`x + A(norm(x))`, then `x + FF(norm(x))`, with CoLT5's routed attention and feedforward.
 
     Args:
@@ -46,9 +67,7 @@ class ConditionalRoutedTransformerBlock(nn.Module):
         router_kwargs: dict[str, Any] | None = None,
         **attention_kwargs: Any,
     ):
-        super().__init__()
-        self.attention_norm = nn.RMSNorm(dim, eps=norm_eps)
-        self.attention = ConditionalRoutedAttention(
+        attention = ConditionalRoutedAttention(
             dim,
             num_heavy_tokens_q=num_heavy_tokens_q,
             num_heavy_tokens_kv=num_heavy_tokens_kv,
@@ -56,8 +75,7 @@ class ConditionalRoutedTransformerBlock(nn.Module):
             router_kwargs=router_kwargs,
             **attention_kwargs,
         )
-        self.feedforward_norm = nn.RMSNorm(dim, eps=norm_eps)
-        self.feedforward = ConditionalRoutedFeedForward(
+        feedforward = ConditionalRoutedFeedForward(
             dim,
             num_heavy_tokens=num_heavy_ff_tokens,
             light_hidden_dim=light_ff_hidden_dim,
@@ -65,7 +83,7 @@ class ConditionalRoutedTransformerBlock(nn.Module):
             activation=activation,
             router_kwargs=router_kwargs,
         )
-        self.dropout = nn.Dropout(dropout)
+        super().__init__(dim, norm_eps, dropout, attention, feedforward)
 
     def forward(
         self,
@@ -76,12 +94,10 @@ class ConditionalRoutedTransformerBlock(nn.Module):
         """`hidden_states` `(batch, n, dim)`, `attention_mask` `(batch, n)` bool (False = padding),
         `position_ids` `(batch, n)` -> `(batch, n, dim)`."""
         attended = self.attention(self.attention_norm(hidden_states), attention_mask, position_ids)
-        hidden_states = hidden_states + self.dropout(attended)
-        fed = self.feedforward(self.feedforward_norm(hidden_states), attention_mask)
-        return hidden_states + self.dropout(fed)
+        return self._add_branches(hidden_states, attended, attention_mask)
 
 
-class CausalRoutedTransformerBlock(nn.Module):
+class CausalRoutedTransformerBlock(_PreNormResidualBlock):
     """`x + A(norm(x))`, then `x + FF(norm(x))`, with CoLT5's causal routed attention and feedforward: the output
     at position t depends on tokens <= t only.
 
@@ -118,10 +134,8 @@ class CausalRoutedTransformerBlock(nn.Module):
         router_momentum: float = 0.05,
         **attention_kwargs: Any,
     ):
-        super().__init__()
         router_kwargs = dict(router_kwargs or {})
-        self.attention_norm = nn.RMSNorm(dim, eps=norm_eps)
-        self.attention = CausalRoutedAttention(
+        attention = CausalRoutedAttention(
             dim,
             routed_query_fraction=routed_query_fraction,
             memory_size=memory_size,
@@ -131,8 +145,7 @@ class CausalRoutedTransformerBlock(nn.Module):
             router_momentum=router_momentum,
             **attention_kwargs,
         )
-        self.feedforward_norm = nn.RMSNorm(dim, eps=norm_eps)
-        self.feedforward = CausalRoutedFeedForward(
+        feedforward = CausalRoutedFeedForward(
             dim,
             fraction=routed_ff_fraction,
             light_hidden_dim=light_ff_hidden_dim,
@@ -143,7 +156,7 @@ class CausalRoutedTransformerBlock(nn.Module):
                 "momentum": router_momentum,
             },
         )
-        self.dropout = nn.Dropout(dropout)
+        super().__init__(dim, norm_eps, dropout, attention, feedforward)
 
     def forward(
         self,
@@ -159,6 +172,4 @@ class CausalRoutedTransformerBlock(nn.Module):
         attended, state = self.attention(
             self.attention_norm(hidden_states), attention_mask, position_ids, state, valid_counts
         )
-        hidden_states = hidden_states + self.dropout(attended)
-        fed = self.feedforward(self.feedforward_norm(hidden_states), attention_mask)
-        return hidden_states + self.dropout(fed), state
+        return self._add_branches(hidden_states, attended, attention_mask), state
