@@ -1,0 +1,505 @@
+# Copyright 2026 The CoLT5 developers. Licensed under the Apache License, Version 2.0.
+"""Train a CoLT5 language model, or fine-tune a CoLT5 classifier, with transformers' Trainer.
+
+With no arguments: trains a small CoLT5ForCausalLM on the embedded corpus (the Python standard library's source,
+read from this interpreter, byte-level ByT5 tokens packed into sequences), offline, on the GPU when there is one
+(bf16, Triton router) and on the CPU otherwise. Shows Trainer's progress and losses, evaluation loss and bits per
+byte on held-out files, a generated sample at the end, and leaves in --output-dir a checkpoint that loads with
+AutoModelForCausalLM (safetensors, config, tokenizer, model code, model card, loss plot) next to Trainer's
+resumable checkpoints (checkpoint-N).
+
+Multi-GPU: `torchrun --nproc_per_node N -m colt5.train ...` or `accelerate launch -m colt5.train ...` (DDP; add
+--fsdp for FSDP). A killed run continues with --resume.
+"""
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    ByT5Tokenizer,
+    DataCollatorWithPadding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
+
+from . import CoLT5Config, CoLT5ForCausalLM, CoLT5ForSequenceClassification
+from .training_data import (
+    EMBEDDED_CORPUS,
+    bytes_per_token,
+    evenly_spaced,
+    load_documents,
+    pack_for_language_modeling,
+    prepare_classification,
+    split_documents,
+)
+from .training_report import loss_curves, plot_losses, push_checkpoint, write_model_card
+
+TASKS = ("causal-lm", "classification")
+SETTINGS_FILE = "colt5_train_settings.json"
+# Settings that only steer this invocation, not what is trained: a resumed run may change them freely.
+_INVOCATION_ONLY = {"resume", "overwrite", "push_to_hub", "hub_private", "sample_tokens", "prompt"}
+
+
+def preset_config(preset: str, seq_len: int) -> dict:
+    """Model sizes. `base` and `large` are the paper's CoLT5-B and CoLT5-L widths; `tiny` and `small` fit a CPU.
+    Causal models route a key/value memory of seq_len / 8 tokens (at least 64) re-chosen every seq_len / 8 tokens
+    (64 to 1024)."""
+    memory, block = max(seq_len // 8, 64), min(max(seq_len // 8, 64), 1024)
+    presets = {
+        "tiny": dict(hidden_size=64, num_hidden_layers=2, light_num_heads=2, light_head_dim=16, heavy_num_heads=2,
+                     heavy_head_dim=16, light_window_size=31, light_intermediate_size=128,
+                     heavy_intermediate_size=256, routed_query_tokens=0.125, routed_ff_tokens=0.125),
+        "small": dict(hidden_size=128, num_hidden_layers=2, light_num_heads=2, light_head_dim=32, heavy_num_heads=4,
+                      heavy_head_dim=32, light_window_size=63, light_intermediate_size=256,
+                      heavy_intermediate_size=1024, routed_query_tokens=0.125, routed_ff_tokens=0.125),
+        "base": dict(hidden_size=768, num_hidden_layers=12, light_num_heads=4, light_head_dim=64, heavy_num_heads=8,
+                     heavy_head_dim=64, light_window_size=127, light_intermediate_size=1024,
+                     heavy_intermediate_size=8192),
+        "large": dict(hidden_size=1024, num_hidden_layers=24, light_num_heads=4, light_head_dim=64,
+                      heavy_num_heads=12, heavy_head_dim=64, light_window_size=127, light_intermediate_size=1408,
+                      heavy_intermediate_size=11264),
+    }
+    if preset not in presets:
+        raise ValueError(f"Unknown --preset {preset!r}: choose one of {sorted(presets)}.")
+    return dict(presets[preset], routed_kv_tokens=memory, causal_block_size=block, max_position_embeddings=seq_len)
+
+
+def parse_config_overrides(pairs: list[str]) -> dict:
+    """`key=value` pairs for CoLT5Config; values are read as JSON where they parse (numbers, true, null, lists)
+    and as strings otherwise."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--config expects key=value (e.g. --config router_iterations=50), got {pair!r}.")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    known = {f.name for f in fields(CoLT5Config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"--config: {unknown} are not CoLT5Config fields.")
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="colt5-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    what = parser.add_argument_group("what to train")
+    what.add_argument("--task", choices=TASKS, default="causal-lm",
+                      help="causal-lm: CoLT5ForCausalLM on packed text; classification: CoLT5ForSequenceClassification")
+    what.add_argument("--preset", default="small", help="model size: tiny, small (default), base, large")
+    what.add_argument("--init-from", default=None,
+                      help="start from this checkpoint folder (e.g. fine-tune a classifier from a trained LM)")
+    what.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a CoLT5Config field (repeatable), e.g. --config router_iterations=50")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=None,
+                      help="a text file, a folder of text files (classification: one sub-folder per label) or a "
+                           "JSON/JSONL/CSV/Parquet file; default: the embedded corpus")
+    data.add_argument("--dataset", default=None, help="a dataset name on the Hugging Face Hub (needs network)")
+    data.add_argument("--dataset-config", default=None, help="the Hub dataset's configuration name")
+    data.add_argument("--text-column", default="text")
+    data.add_argument("--label-column", default="label")
+    data.add_argument("--eval-fraction", type=float, default=0.05,
+                      help="documents held out for evaluation when the data has no validation split")
+    data.add_argument("--max-eval-sequences", type=int, default=64,
+                      help="evaluate on at most this many sequences, spread over the held-out data")
+    data.add_argument("--seq-len", type=int, default=1024, help="tokens per training sequence (bytes with ByT5)")
+    train = parser.add_argument_group("training")
+    train.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    train.add_argument("--batch-size", type=int, default=8, help="sequences per device and step")
+    train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --steps")
+    train.add_argument("--weight-decay", type=float, default=0.1)
+    train.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                       help="bf16 autocast (default: on for GPUs that support it)")
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--fsdp", action="store_true",
+                       help="shard with FSDP (under torchrun / accelerate launch); wraps each CoLT5 layer")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--logging-steps", type=int, default=10)
+    train.add_argument("--eval-steps", type=int, default=None, help="default: --steps / 4")
+    train.add_argument("--save-steps", type=int, default=None, help="checkpoint interval; default: --eval-steps")
+    train.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
+    out = parser.add_argument_group("output")
+    out.add_argument("--output-dir", type=Path, default=Path("outputs/colt5-small"))
+    out.add_argument("--resume", action="store_true",
+                     help="continue the run in --output-dir from its last complete checkpoint (its saved settings "
+                          "are the defaults)")
+    out.add_argument("--overwrite", action="store_true", help="start afresh even if --output-dir holds checkpoints")
+    out.add_argument("--sample-tokens", type=int, default=200, help="bytes to generate at the end (0: none)")
+    out.add_argument("--prompt", default=None, help="prompt of the sample (default: the start of a held-out file)")
+    out.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
+                     help="upload the final checkpoint folder to this Hub repository")
+    out.add_argument("--hub-private", action="store_true", help="create the Hub repository private")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line settings. With --resume the saved settings of the run are the defaults, so `--output-dir DIR
+    --resume` continues it as it was; options given explicitly still win (and are reported)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        saved_path = args.output_dir / SETTINGS_FILE
+        if not saved_path.is_file():
+            parser.error(f"--resume: {saved_path} not found; is {args.output_dir} the output folder of a run?")
+        saved = json.loads(saved_path.read_text())
+        parser.set_defaults(**{key: value for key, value in saved.items() if key not in _INVOCATION_ONLY})
+        args = parser.parse_args(argv)
+        args.output_dir = Path(args.output_dir)
+        changed = {key: (saved[key], value) for key, value in _run_settings(args).items()
+                   if key in saved and saved[key] != value}
+        for key, (old, new) in changed.items():
+            print(f"--resume: {key} changes from {old!r} to {new!r}")
+    _validate_args(parser, args)
+    return args
+
+
+def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "logging_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    for name in ("eval_steps", "save_steps", "max_eval_sequences"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.lr <= 0:
+        parser.error(f"--lr must be > 0, got {args.lr}.")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --output-dir and --overwrite starts afresh: pass one.")
+    if args.bf16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        parser.error("--bf16 needs a GPU with bfloat16 support; on this machine leave it out.")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        parser.error("--fsdp shards over several processes: start the run with torchrun or accelerate launch.")
+
+
+def _run_settings(args: argparse.Namespace) -> dict:
+    return {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest `checkpoint-N` folder that Trainer finished writing. Trainer writes trainer_state.json last, so
+    a run killed while saving leaves a newer folder without it; that one is skipped (and reported)."""
+    checkpoints = sorted(
+        (path for path in output_dir.glob("checkpoint-*") if path.is_dir() and path.name[11:].isdigit()),
+        key=lambda path: int(path.name[11:]),
+        reverse=True,
+    )
+    for checkpoint in checkpoints:
+        if (checkpoint / "trainer_state.json").is_file():
+            return checkpoint
+        print(f"--resume: skipping {checkpoint.name}, written only partly (the run stopped while saving it)")
+    return None
+
+
+class ThroughputCallback(TrainerCallback):
+    """Training tokens per second over the optimizer steps only (evaluation and saving left out)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.steps = 0
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - self._started
+        self.steps += 1
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.steps * self.tokens_per_step / self.seconds if self.seconds else float("nan")
+
+
+class CoLT5Trainer(Trainer):
+    """Trainer that adds bits per byte to the evaluation logs and tokens/s to the training logs."""
+
+    def __init__(self, *args, bytes_per_token: float | None = None, throughput: ThroughputCallback, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bytes_per_token = bytes_per_token
+        self.throughput = throughput
+        self.add_callback(throughput)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "eval_loss" in logs and self.bytes_per_token:
+            logs["eval_bits_per_byte"] = logs["eval_loss"] / math.log(2) / self.bytes_per_token
+        if "loss" in logs and self.throughput.steps:
+            logs["tokens_per_second"] = round(self.throughput.tokens_per_second, 1)
+        super().log(logs, start_time)
+
+
+def _accuracy(prediction) -> dict[str, float]:
+    logits, labels = prediction
+    return {"accuracy": float((logits.argmax(-1) == labels).mean())}
+
+
+def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, label_names: list[str] | None):
+    """The model to train: from --init-from, or a fresh one from --preset (causal for causal-lm, the paper's
+    encoder for classification), with --config overrides."""
+    overrides = parse_config_overrides(args.config)
+    if args.init_from is not None:
+        if args.task == "causal-lm":
+            return CoLT5ForCausalLM.from_pretrained(args.init_from, **overrides)
+        return CoLT5ForSequenceClassification.from_pretrained(
+            args.init_from, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)}, **overrides,
+        )
+    settings = dict(
+        preset_config(args.preset, args.seq_len),
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    if args.task == "causal-lm":
+        config = CoLT5Config(**dict(settings, is_causal=True, **overrides))
+        return CoLT5ForCausalLM(config)
+    config = CoLT5Config(**dict(
+        settings, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)}, **overrides,
+    ))
+    return CoLT5ForSequenceClassification(config)
+
+
+def _load_tokenizer(args: argparse.Namespace) -> PreTrainedTokenizerBase:
+    if args.init_from is not None and (Path(args.init_from) / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(args.init_from)
+    return ByT5Tokenizer()
+
+
+def _training_arguments(args: argparse.Namespace, model: PreTrainedModel, resuming: bool) -> TrainingArguments:
+    eval_steps = args.eval_steps or max(args.steps // 4, 1)
+    cuda = torch.cuda.is_available()
+    bf16 = args.bf16 if args.bf16 is not None else cuda and torch.cuda.is_bf16_supported()
+    settings = dict(
+        output_dir=str(args.output_dir),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=args.warmup_steps if args.warmup_steps is not None else max(args.steps // 10, 1),
+        weight_decay=args.weight_decay,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        bf16=bf16,
+        logging_steps=args.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        eval_on_start=not resuming,
+        save_strategy="steps",
+        save_steps=args.save_steps or eval_steps,
+        save_total_limit=2,
+        seed=args.seed,
+        dataloader_num_workers=args.num_workers,
+        dataloader_pin_memory=cuda,
+        report_to="none",
+        # Every parameter gets a gradient at every step (tested): DDP needs no search for unused ones.
+        ddp_find_unused_parameters=False,
+    )
+    if args.gradient_checkpointing and not args.fsdp:
+        # transformers 5.23 renamed gradient checkpointing to activation checkpointing; 5.17 has the old name.
+        names = {f.name for f in fields(TrainingArguments)}
+        settings["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = True
+    if args.fsdp:
+        settings["fsdp"] = "full_shard auto_wrap"
+        settings["fsdp_config"] = {
+            "version": 2,
+            "transformer_layer_cls_to_wrap": model.model._no_split_modules,
+            "state_dict_type": "FULL_STATE_DICT",
+            "activation_checkpointing": args.gradient_checkpointing,
+        }
+    return TrainingArguments(**settings)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    command = shlex.join(["colt5-train", *(sys.argv[1:] if argv is None else argv)])
+    rank = int(os.environ.get("RANK", "0"))
+    checkpoint = None
+    if args.resume:
+        checkpoint = last_complete_checkpoint(args.output_dir)
+        if checkpoint is None:
+            raise SystemExit(f"--resume: {args.output_dir} has no complete checkpoint-N folder to resume from.")
+        print(f"resuming from {checkpoint}")
+    elif any(args.output_dir.glob("checkpoint-*")) and not args.overwrite:
+        raise SystemExit(
+            f"{args.output_dir} already holds checkpoints of a run: pass --resume to continue it, --overwrite to "
+            "start afresh there, or another --output-dir."
+        )
+    if rank == 0:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        (args.output_dir / SETTINGS_FILE).write_text(json.dumps(_run_settings(args), indent=2) + "\n")
+
+    torch.manual_seed(args.seed)
+    tokenizer = _load_tokenizer(args)
+    splits = split_documents(
+        load_documents(args.data, args.dataset, args.dataset_config, args.task), args.eval_fraction, args.seed
+    )
+    label_names = None
+    token_bytes = None
+    if args.task == "causal-lm":
+        train_set = pack_for_language_modeling(splits["train"], tokenizer, args.seq_len, args.text_column)
+        eval_set = evenly_spaced(
+            pack_for_language_modeling(splits["validation"], tokenizer, args.seq_len, args.text_column),
+            args.max_eval_sequences,
+        )
+        token_bytes = bytes_per_token(eval_set, tokenizer)
+        collator = default_data_collator
+    else:
+        train_set, label_names = prepare_classification(
+            splits["train"], tokenizer, args.seq_len, args.text_column, args.label_column
+        )
+        eval_set, _ = prepare_classification(
+            splits["validation"], tokenizer, args.seq_len, args.text_column, args.label_column, label_names
+        )
+        eval_set = evenly_spaced(eval_set, args.max_eval_sequences)
+        collator = DataCollatorWithPadding(tokenizer)
+
+    model = build_model(args, tokenizer, label_names)
+    training_args = _training_arguments(args, model, resuming=checkpoint is not None)
+    world_size = training_args.world_size
+    tokens_per_step = args.batch_size * args.grad_accum * world_size * args.seq_len
+    print(
+        f"{type(model).__name__}: {model.num_parameters() / 1e6:.2f}M parameters; train {len(train_set)} and "
+        f"eval {len(eval_set)} sequences of up to {args.seq_len} tokens; {world_size} process(es) on "
+        f"{training_args.device}; bf16 {training_args.bf16}; {tokens_per_step} tokens per step"
+    )
+    throughput = ThroughputCallback(tokens_per_step)
+    trainer = CoLT5Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=_accuracy if args.task == "classification" else None,
+        bytes_per_token=token_bytes,
+        throughput=throughput,
+    )
+    train_result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if trainer.state.log_history[-1].get("step") != trainer.state.global_step or not any(
+        "eval_loss" in entry and entry["step"] == trainer.state.global_step for entry in trainer.state.log_history
+    ):
+        trainer.evaluate()
+
+    model.config.use_cache = True  # Trainer turns the cache off for training; generation wants it.
+    trainer.save_model()
+    if not trainer.is_world_process_zero():
+        return
+    curves = loss_curves(trainer.state.log_history)
+    summary = {
+        "command": command,
+        "model_path": args.push_to_hub or str(args.output_dir),
+        "task": args.task,
+        "model_class": type(model).__name__,
+        "parameters": model.num_parameters(),
+        "data": args.data or args.dataset or EMBEDDED_CORPUS,
+        "train_sequences": len(train_set),
+        "eval_sequences": len(eval_set),
+        "seq_len": args.seq_len,
+        "steps": trainer.state.global_step,
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_second": throughput.tokens_per_second,
+        "train_runtime_s": train_result.metrics.get("train_runtime"),
+        "world_size": world_size,
+        "device": _device_name(training_args.device),
+        "bf16": training_args.bf16,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "fsdp": args.fsdp,
+        "resumed_from": checkpoint.name if checkpoint else None,
+        "settings": _run_settings(args),
+        "start_eval": curves.first_eval,
+        "end_eval": curves.last_eval,
+        "versions": _versions(),
+    }
+    sample = _generate_sample(args, splits["validation"]) if args.task == "causal-lm" else None
+    summary["sample"] = sample
+    if plot_losses(curves, args.output_dir / "loss.png", title=f"{type(model).__name__} ({args.preset})"):
+        print(f"loss curves: {args.output_dir / 'loss.png'}")
+    write_model_card(args.output_dir, summary)
+    (args.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _print_summary(summary)
+    if args.push_to_hub:
+        push_checkpoint(args.output_dir, args.push_to_hub, private=args.hub_private)
+
+
+def _generate_sample(args: argparse.Namespace, held_out) -> dict | None:
+    """Reloads the saved checkpoint through AutoModelForCausalLM (so the sample also shows that it loads) and
+    samples `--sample-tokens` bytes after the prompt."""
+    if args.sample_tokens == 0:
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(args.output_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.output_dir).to(device).eval()
+    prompt = args.prompt if args.prompt is not None else held_out[0][args.text_column][:256]
+    inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(device)
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        output = model.generate(
+            **inputs, max_new_tokens=args.sample_tokens, do_sample=True, temperature=0.8, top_k=40,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    completion = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return {"prompt": prompt, "completion": completion, "loaded_with": "AutoModelForCausalLM"}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _versions() -> dict[str, str]:
+    import datasets
+    import transformers
+
+    from . import __version__
+
+    versions = {"colt5": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+                "transformers": transformers.__version__, "datasets": datasets.__version__}
+    if torch.cuda.is_available():
+        import triton
+
+        versions["triton"] = triton.__version__
+    return versions
+
+
+def _print_summary(summary: dict) -> None:
+    start, end = summary["start_eval"], summary["end_eval"]
+    print(f"\ncheckpoint: {summary['settings']['output_dir']}  ({summary['steps']} steps, "
+          f"{summary['tokens_per_second']:,.0f} training tokens/s on {summary['device']})")
+    for name in ("eval_loss", "eval_bits_per_byte", "eval_accuracy"):
+        if start and name in start and end and name in end:
+            print(f"{name}: {start[name]:.4f} (step {start['step']}) -> {end[name]:.4f} (step {end['step']})")
+    if summary["sample"]:
+        print(f"\nsample from the reloaded checkpoint, prompt then completion:\n{summary['sample']['prompt']}"
+              f"\n{'-' * 40}\n{summary['sample']['completion']}\n")
+
+
+if __name__ == "__main__":
+    main()
