@@ -97,6 +97,8 @@ class ThresholdRouter(TokenScorer):
         threshold, shift = self.reference_statistics()
         self.threshold = nn.Buffer(torch.tensor(threshold))
         self.shift = nn.Buffer(torch.tensor(shift))
+        # This batch's (threshold, shift), folded into the buffers at the next call; see forward.
+        self._pending_statistics: tuple | None = None
 
     def reference_statistics(self) -> tuple[float, float]:
         """Threshold and shift for standard normal scores: the values before any training."""
@@ -107,7 +109,15 @@ class ThresholdRouter(TokenScorer):
         return float(threshold), float(shift)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> GateOutput:
-        """`x` `(batch, n, dim)`, `mask` `(batch, n)` bool (False = padding, never routed) -> GateOutput."""
+        """`x` `(batch, n, dim)`, `mask` `(batch, n)` bool (False = padding, never routed) -> GateOutput.
+
+        In training the batch's statistics are folded into the running ones at the next call (or at `train()` /
+        `eval()`), not at once: activation checkpointing runs this forward again during the backward pass, and
+        that recomputation must route exactly as the first pass did. A call made inside a backward pass is such a
+        recomputation and changes nothing."""
+        recomputing = torch._C._current_graph_task_id() != -1  # the test FSDP uses for "inside a backward pass"
+        if not recomputing:
+            self._apply_pending_statistics()
         scores = self.scores(x)[:, 0]
         routed = scores >= self.threshold
         if mask is not None:
@@ -115,18 +125,28 @@ class ThresholdRouter(TokenScorer):
         weights = torch.exp(((scores + self.shift) / self.eps).clamp_max(0.0))
         if self.straight_through:
             weights = weights - weights.detach() + 1.0
-        if self.training:
-            self._update_statistics(scores.detach(), mask)
+        if self.training and not recomputing:
+            self._pending_statistics = self._batch_statistics(scores.detach(), mask)
         return GateOutput(routed, weights * routed)
 
+    def train(self, mode: bool = True) -> "ThresholdRouter":
+        self._apply_pending_statistics()
+        return super().train(mode)
+
     @torch.no_grad()
-    def _update_statistics(self, scores: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _batch_statistics(self, scores: torch.Tensor, mask: torch.Tensor | None) -> tuple | None:
         pool = scores.flatten() if mask is None else scores[mask.bool()]
         if pool.numel() == 0:
-            return
-        threshold, shift = gate_statistics(pool, self.fraction, fetch_ratio=self.fetch_ratio, eps=self.eps)
-        self.threshold.lerp_(threshold.to(self.threshold.dtype), self.momentum)
-        self.shift.lerp_(shift.to(self.shift.dtype), self.momentum)
+            return None
+        return gate_statistics(pool, self.fraction, fetch_ratio=self.fetch_ratio, eps=self.eps)
+
+    @torch.no_grad()
+    def _apply_pending_statistics(self) -> None:
+        pending, self._pending_statistics = self._pending_statistics, None
+        if pending is not None:
+            threshold, shift = pending
+            self.threshold.lerp_(torch.as_tensor(threshold).to(self.threshold), self.momentum)
+            self.shift.lerp_(torch.as_tensor(shift).to(self.shift), self.momentum)
 
 
 def route_block_memory(

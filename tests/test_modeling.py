@@ -286,31 +286,46 @@ def test_model_padded_sample_equals_sample_alone(model):
 
 
 @pytest.mark.filterwarnings("ignore:.*deprecated.*:FutureWarning")
-def test_gradient_checkpointing_gives_same_gradients(tiny_config):
-    config = tiny_config(hidden_dropout=0.0, attention_dropout=0.0)
+@pytest.mark.parametrize("causal", [False, True], ids=["encoder", "causal"])
+def test_gradient_checkpointing_gives_same_gradients(tiny_config, causal):
+    """Checkpointed layers recompute their forward in the backward pass; the recomputation must route as the
+    first pass did (the causal routers' running statistics change in training) and update nothing twice."""
+    settings = dict(is_causal=True, routed_kv_tokens=12, causal_block_size=16) if causal else {}
+    config = tiny_config(hidden_dropout=0.0, attention_dropout=0.0, **settings)
     reference = CoLT5Model(config)
     checkpointed = CoLT5Model(config)
     checkpointed.load_state_dict(reference.state_dict())
     checkpointed.gradient_checkpointing_enable()
     assert checkpointed.is_gradient_checkpointing
 
-    ids = random_ids(2, 48)
     mask = length_mask([48, 30], 48)
     target = torch.randn(2, 48, 64)
     calls = []
     checkpointed.layers[0].attention.register_forward_hook(lambda *_: calls.append(1))
+    batches = [random_ids(2, 48) for _ in range(3)]
     for model in (reference, checkpointed):
         model.train()
-        out = model(ids, attention_mask=mask).last_hidden_state
-        (out * target).sum().backward()
-    # The checkpointed layer ran its forward again during the backward pass.
-    assert len(calls) == 2
+        for ids in batches:
+            model.zero_grad()
+            out = model(ids, attention_mask=mask).last_hidden_state
+            (out * target).sum().backward()
+    # The checkpointed layer ran its forward again during each backward pass.
+    assert len(calls) == 2 * len(batches)
 
     ref_grads = dict(reference.named_parameters())
     for name, param in checkpointed.named_parameters():
         expected = ref_grads[name].grad
         assert param.grad is not None and expected is not None, name
         torch.testing.assert_close(param.grad, expected, atol=1e-5, rtol=0, msg=name)
+    reference.eval()
+    checkpointed.eval()
+    ref_buffers = dict(reference.named_buffers())
+    for name, buffer in checkpointed.named_buffers():
+        torch.testing.assert_close(buffer, ref_buffers[name], atol=1e-6, rtol=0, msg=name)
+    if causal:  # the statistics did move, so a double or skipped update would have shown
+        initial = dict(CoLT5Model(config).named_buffers())
+        moved = [name for name, buffer in ref_buffers.items() if "threshold" in name and buffer != initial[name]]
+        assert moved
 
 
 # ===================================================================================================== classification
