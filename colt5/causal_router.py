@@ -111,8 +111,8 @@ class ThresholdRouter(TokenScorer):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> GateOutput:
         """`x` `(batch, n, dim)`, `mask` `(batch, n)` bool (False = padding, never routed) -> GateOutput.
 
-        In training the batch's statistics are folded into the running ones at the next call (or at `train()` /
-        `eval()`), not at once: activation checkpointing runs this forward again during the backward pass, and
+        In training the batch's statistics are folded into the running ones at the next call (or at `train()`,
+        `eval()` and `state_dict()`), not at once: activation checkpointing runs this forward again during the backward pass, and
         that recomputation must route exactly as the first pass did. A call made inside a backward pass is such a
         recomputation and changes nothing."""
         recomputing = torch._C._current_graph_task_id() != -1  # the test FSDP uses for "inside a backward pass"
@@ -132,6 +132,12 @@ class ThresholdRouter(TokenScorer):
     def train(self, mode: bool = True) -> "ThresholdRouter":
         self._apply_pending_statistics()
         return super().train(mode)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        # A checkpoint holds the statistics of every batch seen so far, so a resumed run routes as the
+        # uninterrupted one would.
+        self._apply_pending_statistics()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     @torch.no_grad()
     def _batch_statistics(self, scores: torch.Tensor, mask: torch.Tensor | None) -> tuple | None:

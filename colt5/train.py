@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--preset", default="small", help="model size: tiny, small (default), base, large")
     what.add_argument("--init-from", default=None,
                       help="start from this checkpoint folder (e.g. fine-tune a classifier from a trained LM)")
+    what.add_argument("--lora-rank", type=int, default=0,
+                      help="train LoRA adapters of this rank (peft) on the attention and MLP projections of every "
+                           "routed layer instead of all weights; the saved model has them merged (0: off)")
     what.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                       help="override a CoLT5Config field (repeatable), e.g. --config router_iterations=50")
     data = parser.add_argument_group("data")
@@ -187,6 +190,10 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("--resume continues the run in --output-dir and --overwrite starts afresh: pass one.")
     if args.bf16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         parser.error("--bf16 needs a GPU with bfloat16 support; on this machine leave it out.")
+    if args.lora_rank < 0:
+        parser.error(f"--lora-rank must be >= 0, got {args.lora_rank}.")
+    if args.lora_rank and args.fsdp:
+        parser.error("--lora-rank with --fsdp is not supported: train the adapters with DDP (leave out --fsdp).")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         parser.error("--fsdp shards over several processes: start the run with torchrun or accelerate launch.")
 
@@ -283,6 +290,31 @@ def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, la
     return CoLT5ForSequenceClassification(config)
 
 
+# The linear layers of both branches of every routed attention and feedforward layer (not the LM head).
+LORA_TARGET_MODULES = [
+    "light_q_proj", "light_k_proj", "light_v_proj", "light_o_proj",
+    "heavy_q_proj", "heavy_k_proj", "heavy_v_proj", "heavy_o_proj",
+    "gate_proj", "up_proj", "down_proj",
+]
+
+
+def add_lora_adapters(model: PreTrainedModel, rank: int, task: str = "causal-lm"):
+    """`model` wrapped by peft with LoRA adapters of `rank` on `LORA_TARGET_MODULES` (alpha = 2 * rank); only the
+    adapters train (and a classifier's fresh `score` head). Needs the `train` extra (peft)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise SystemExit("--lora-rank needs peft: pip install 'colt5[train]'.") from error
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=LORA_TARGET_MODULES,
+        task_type="CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS",
+        modules_to_save=None if task == "causal-lm" else ["score"],
+    )
+    return get_peft_model(model, config)
+
+
 def _load_tokenizer(args: argparse.Namespace) -> PreTrainedTokenizerBase:
     if args.init_from is not None and (Path(args.init_from) / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(args.init_from)
@@ -317,6 +349,8 @@ def _training_arguments(args: argparse.Namespace, model: PreTrainedModel, resumi
         seed=args.seed,
         dataloader_num_workers=args.num_workers,
         dataloader_pin_memory=cuda,
+        # Without it accelerate runs torchrun's CPU processes as independent single-process runs (no DDP).
+        use_cpu=not cuda,
         report_to="none",
         # Every parameter gets a gradient at every step (tested): DDP needs no search for unused ones.
         ddp_find_unused_parameters=False,
@@ -326,9 +360,10 @@ def _training_arguments(args: argparse.Namespace, model: PreTrainedModel, resumi
         names = {f.name for f in fields(TrainingArguments)}
         settings["activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"] = True
     if args.fsdp:
-        settings["fsdp"] = "full_shard auto_wrap"
+        settings["fsdp"] = True
         settings["fsdp_config"] = {
             "version": 2,
+            "reshard_after_forward": True,
             "transformer_layer_cls_to_wrap": model.model._no_split_modules,
             "state_dict_type": "FULL_STATE_DICT",
             "activation_checkpointing": args.gradient_checkpointing,
@@ -357,9 +392,12 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     tokenizer = _load_tokenizer(args)
-    splits = split_documents(
-        load_documents(args.data, args.dataset, args.dataset_config, args.task), args.eval_fraction, args.seed
-    )
+    try:
+        splits = split_documents(
+            load_documents(args.data, args.dataset, args.dataset_config, args.task), args.eval_fraction, args.seed
+        )
+    except (FileNotFoundError, ConnectionError, ValueError) as error:
+        raise SystemExit(f"colt5-train: {error}") from error
     label_names = None
     token_bytes = None
     if args.task == "causal-lm":
@@ -381,11 +419,14 @@ def main(argv: list[str] | None = None) -> None:
         collator = DataCollatorWithPadding(tokenizer)
 
     model = build_model(args, tokenizer, label_names)
+    if args.lora_rank:
+        model = add_lora_adapters(model, args.lora_rank, args.task)
     training_args = _training_arguments(args, model, resuming=checkpoint is not None)
     world_size = training_args.world_size
     tokens_per_step = args.batch_size * args.grad_accum * world_size * args.seq_len
     print(
-        f"{type(model).__name__}: {model.num_parameters() / 1e6:.2f}M parameters; train {len(train_set)} and "
+        f"{type(model).__name__}: {model.num_parameters() / 1e6:.2f}M parameters "
+        f"({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained); train {len(train_set)} and "
         f"eval {len(eval_set)} sequences of up to {args.seq_len} tokens; {world_size} process(es) on "
         f"{training_args.device}; bf16 {training_args.bf16}; {tokens_per_step} tokens per step"
     )
@@ -401,14 +442,28 @@ def main(argv: list[str] | None = None) -> None:
         bytes_per_token=token_bytes,
         throughput=throughput,
     )
+    if args.fsdp and not trainer.is_fsdp_enabled:
+        raise SystemExit(
+            "--fsdp: accelerate did not enable FSDP (it shards over GPUs only; these processes run on "
+            f"{training_args.device}). Leave out --fsdp to train with DDP."
+        )
     train_result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if trainer.state.log_history[-1].get("step") != trainer.state.global_step or not any(
         "eval_loss" in entry and entry["step"] == trainer.state.global_step for entry in trainer.state.log_history
     ):
         trainer.evaluate()
 
+    wrapping = _distributed_wrapping(trainer)
     model.config.use_cache = True  # Trainer turns the cache off for training; generation wants it.
-    trainer.save_model()
+    if args.lora_rank:
+        # The adapters on their own, then the model with them merged: the checkpoint loads without peft.
+        if trainer.is_world_process_zero():
+            model.save_pretrained(args.output_dir / "lora_adapter")
+            model = model.merge_and_unload()
+            model.save_pretrained(args.output_dir)
+            tokenizer.save_pretrained(args.output_dir)
+    else:
+        trainer.save_model()
     if not trainer.is_world_process_zero():
         return
     curves = loss_curves(trainer.state.log_history)
@@ -431,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
         "bf16": training_args.bf16,
         "gradient_checkpointing": args.gradient_checkpointing,
         "fsdp": args.fsdp,
+        "distributed_wrapping": wrapping,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "resumed_from": checkpoint.name if checkpoint else None,
         "settings": _run_settings(args),
         "start_eval": curves.first_eval,
@@ -439,7 +496,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     sample = _generate_sample(args, splits["validation"]) if args.task == "causal-lm" else None
     summary["sample"] = sample
-    if plot_losses(curves, args.output_dir / "loss.png", title=f"{type(model).__name__} ({args.preset})"):
+    origin = f"from {Path(args.init_from).name}" if args.init_from else args.preset
+    if plot_losses(curves, args.output_dir / "loss.png", title=f"{type(model).__name__} ({origin})"):
         print(f"loss curves: {args.output_dir / 'loss.png'}")
     write_model_card(args.output_dir, summary)
     (args.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -466,6 +524,15 @@ def _generate_sample(args: argparse.Namespace, held_out) -> dict | None:
         )
     completion = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     return {"prompt": prompt, "completion": completion, "loaded_with": "AutoModelForCausalLM"}
+
+
+def _distributed_wrapping(trainer: Trainer) -> str | None:
+    """How Trainer distributed the model: "DistributedDataParallel", "FSDP2" (sharded DTensor parameters), or
+    None for a single process."""
+    if any(type(param).__name__ == "DTensor" for param in trainer.model.parameters()):
+        return "FSDP2"
+    wrapper = type(trainer.model_wrapped).__name__
+    return wrapper if wrapper != type(trainer.model).__name__ else None
 
 
 def _device_name(device: torch.device) -> str:

@@ -96,8 +96,9 @@ def write_model_card(output_dir: Path, summary: dict) -> Path:
     )
     settings = summary["settings"]
     rows = [
-        ("model", f"{summary['model_class']}, preset `{settings['preset']}`, {summary['parameters'] / 1e6:.2f}M "
-                  "parameters" + (f", from `{settings['init_from']}`" if settings.get("init_from") else "")),
+        ("model", f"{summary['model_class']}, {summary['parameters'] / 1e6:.2f}M parameters, "
+                  + (f"from `{settings['init_from']}`" if settings.get("init_from") else f"preset `{settings['preset']}`")
+                  + (f", LoRA rank {settings['lora_rank']} (merged)" if settings.get("lora_rank") else "")),
         ("data", f"`{summary['data']}`: {summary['train_sequences']} training and {summary['eval_sequences']} "
                  f"held-out sequences of up to {summary['seq_len']} tokens"),
         ("optimizer steps", f"{summary['steps']} (batch {settings['batch_size']} x {settings['grad_accum']} "
@@ -120,7 +121,7 @@ def write_model_card(output_dir: Path, summary: dict) -> Path:
         )
     plot = "\n![loss curves](loss.png)\n" if (output_dir / "loss.png").is_file() else ""
     body = f"""
-# CoLT5 ({settings['preset']}), trained with colt5-train
+# {summary['model_class']}, trained with colt5-train
 
 A CoLT5 model (conditionally routed long-range transformer: light local attention and a narrow MLP for every
 token, heavy attention and a wide MLP for routed tokens) trained with the `colt5` package's training script.
