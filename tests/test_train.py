@@ -46,8 +46,16 @@ TINY_RUN = ["--preset", "tiny", "--seq-len", "128", "--batch-size", "4", "--max-
             "--logging-steps", "1", "--lr", "3e-3"]
 
 
+def script_environment(**overrides: str) -> dict[str, str]:
+    """Environment of a training subprocess: this checkout first on PYTHONPATH (other entries kept, e.g. extra
+    wheels on a GPU machine), offline, and on the CPU: these tests are about the script, not devices, and CPU
+    float32 is deterministic."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", **overrides}
+
+
 def run_script(args: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
+    environment = script_environment(**(env or {}))
     return subprocess.run([sys.executable, "-m", "colt5.train", *args], env=environment, capture_output=True,
                           text=True, **kwargs)
 
@@ -344,7 +352,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     come back), and compare with the same run uninterrupted: same steps, same losses, same weights."""
     settings = [*TINY_RUN, "--steps", "14", "--eval-steps", "7", "--save-steps", "4", "--sample-tokens", "0"]
     killed, whole = tmp_path / "killed", tmp_path / "whole"
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    environment = script_environment()
     process = subprocess.Popen([sys.executable, "-m", "colt5.train", *settings, "--output-dir", str(killed)],
                                env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -385,16 +393,14 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, checkpointing):
               "--sample-tokens", "0", "--max-eval-sequences", "4", "--lr", "3e-3"]
     extra = ["--gradient-checkpointing"] if checkpointing else []
     # CPU processes (gloo) also on a GPU machine: the comparison is about DDP, not devices.
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-                   "CUDA_VISIBLE_DEVICES": ""}
+    environment = script_environment(OMP_NUM_THREADS="1")
     distributed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "colt5.train", *common, *extra, "--batch-size", "2", "--output-dir", str(tmp_path / "ddp")],
         env=environment, capture_output=True, text=True,
     )
     assert distributed.returncode == 0, distributed.stderr[-4000:]
-    single = run_script([*common, *extra, "--batch-size", "4", "--output-dir", str(tmp_path / "single")],
-                        env={"CUDA_VISIBLE_DEVICES": ""})
+    single = run_script([*common, *extra, "--batch-size", "4", "--output-dir", str(tmp_path / "single")])
     assert single.returncode == 0, single.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["distributed_wrapping"] == "DistributedDataParallel"
