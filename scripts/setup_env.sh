@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the virtual environment .venv in the repository root and installs the project into it.
-# Sourced by run_tests.sh and run_demo.sh; PYTHON picks the interpreter (default python3).
+# Sourced by run_tests.sh and run_train.sh; PYTHON picks the interpreter (default python3); COLT5_EXTRAS picks the
+# extras (default test).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
