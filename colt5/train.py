@@ -17,12 +17,17 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import fields
+from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from datasets import Dataset
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -170,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = parser.parse_args(argv)
         args.output_dir = Path(args.output_dir)
         changed = {key: (saved[key], value) for key, value in _run_settings(args).items()
-                   if key in saved and saved[key] != value}
+                   if key in saved and key not in _INVOCATION_ONLY and saved[key] != value}
         for key, (old, new) in changed.items():
             print(f"--resume: {key} changes from {old!r} to {new!r}")
     _validate_args(parser, args)
@@ -371,6 +376,40 @@ def _training_arguments(args: argparse.Namespace, model: PreTrainedModel, resumi
     return TrainingArguments(**settings)
 
 
+class TrainingData(NamedTuple):
+    train: Dataset
+    eval: Dataset
+    collator: Callable
+    held_out_documents: Dataset
+    label_names: list[str] | None  # classification
+    bytes_per_token: float | None  # language modelling: over the evaluation sequences
+
+
+def prepare_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> TrainingData:
+    """Loads and splits the documents, then packs them (language modelling) or encodes them with labels
+    (classification). Bad data settings end the run here with a message (SystemExit)."""
+    try:
+        splits = split_documents(
+            load_documents(args.data, args.dataset, args.dataset_config, args.task), args.eval_fraction, args.seed
+        )
+        if args.task == "causal-lm":
+            train = pack_for_language_modeling(splits["train"], tokenizer, args.seq_len, args.text_column)
+            held_out = pack_for_language_modeling(splits["validation"], tokenizer, args.seq_len, args.text_column)
+            held_out = evenly_spaced(held_out, args.max_eval_sequences)
+            return TrainingData(train, held_out, default_data_collator, splits["validation"], None,
+                                bytes_per_token(held_out, tokenizer))
+        train, names = prepare_classification(
+            splits["train"], tokenizer, args.seq_len, args.text_column, args.label_column
+        )
+        held_out, _ = prepare_classification(
+            splits["validation"], tokenizer, args.seq_len, args.text_column, args.label_column, names
+        )
+        held_out = evenly_spaced(held_out, args.max_eval_sequences)
+        return TrainingData(train, held_out, DataCollatorWithPadding(tokenizer), splits["validation"], names, None)
+    except (FileNotFoundError, ConnectionError, ValueError) as error:
+        raise SystemExit(f"colt5-train: {error}") from error
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     command = shlex.join(["colt5-train", *(sys.argv[1:] if argv is None else argv)])
@@ -387,36 +426,17 @@ def main(argv: list[str] | None = None) -> None:
             "start afresh there, or another --output-dir."
         )
     if rank == 0:
+        if args.overwrite:
+            # A fresh run must not leave the old run's checkpoints for a later --resume to pick up.
+            for old_checkpoint in args.output_dir.glob("checkpoint-*"):
+                shutil.rmtree(old_checkpoint)
         args.output_dir.mkdir(parents=True, exist_ok=True)
         (args.output_dir / SETTINGS_FILE).write_text(json.dumps(_run_settings(args), indent=2) + "\n")
 
     torch.manual_seed(args.seed)
     tokenizer = _load_tokenizer(args)
-    try:
-        splits = split_documents(
-            load_documents(args.data, args.dataset, args.dataset_config, args.task), args.eval_fraction, args.seed
-        )
-    except (FileNotFoundError, ConnectionError, ValueError) as error:
-        raise SystemExit(f"colt5-train: {error}") from error
-    label_names = None
-    token_bytes = None
-    if args.task == "causal-lm":
-        train_set = pack_for_language_modeling(splits["train"], tokenizer, args.seq_len, args.text_column)
-        eval_set = evenly_spaced(
-            pack_for_language_modeling(splits["validation"], tokenizer, args.seq_len, args.text_column),
-            args.max_eval_sequences,
-        )
-        token_bytes = bytes_per_token(eval_set, tokenizer)
-        collator = default_data_collator
-    else:
-        train_set, label_names = prepare_classification(
-            splits["train"], tokenizer, args.seq_len, args.text_column, args.label_column
-        )
-        eval_set, _ = prepare_classification(
-            splits["validation"], tokenizer, args.seq_len, args.text_column, args.label_column, label_names
-        )
-        eval_set = evenly_spaced(eval_set, args.max_eval_sequences)
-        collator = DataCollatorWithPadding(tokenizer)
+    data = prepare_data(args, tokenizer)
+    train_set, eval_set, label_names = data.train, data.eval, data.label_names
 
     model = build_model(args, tokenizer, label_names)
     if args.lora_rank:
@@ -436,10 +456,10 @@ def main(argv: list[str] | None = None) -> None:
         args=training_args,
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=collator,
+        data_collator=data.collator,
         processing_class=tokenizer,
         compute_metrics=_accuracy if args.task == "classification" else None,
-        bytes_per_token=token_bytes,
+        bytes_per_token=data.bytes_per_token,
         throughput=throughput,
     )
     if args.fsdp and not trainer.is_fsdp_enabled:
@@ -448,10 +468,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{training_args.device}). Leave out --fsdp to train with DDP."
         )
     train_result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if trainer.state.log_history[-1].get("step") != trainer.state.global_step or not any(
-        "eval_loss" in entry and entry["step"] == trainer.state.global_step for entry in trainer.state.log_history
-    ):
-        trainer.evaluate()
+    if not any("eval_loss" in entry and entry["step"] == trainer.state.global_step
+               for entry in trainer.state.log_history):
+        trainer.evaluate()  # the end of training fell between evaluation steps
 
     wrapping = _distributed_wrapping(trainer)
     model.config.use_cache = True  # Trainer turns the cache off for training; generation wants it.
@@ -494,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
         "end_eval": curves.last_eval,
         "versions": _versions(),
     }
-    sample = _generate_sample(args, splits["validation"]) if args.task == "causal-lm" else None
+    sample = _generate_sample(args, data.held_out_documents) if args.task == "causal-lm" else None
     summary["sample"] = sample
     origin = f"from {Path(args.init_from).name}" if args.init_from else args.preset
     if plot_losses(curves, args.output_dir / "loss.png", title=f"{type(model).__name__} ({origin})"):
@@ -542,17 +561,15 @@ def _device_name(device: torch.device) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import datasets
-    import transformers
-
+    """Versions of what the run used (from package metadata: triton is not imported where there is no GPU)."""
     from . import __version__
 
-    versions = {"colt5": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-                "transformers": transformers.__version__, "datasets": datasets.__version__}
-    if torch.cuda.is_available():
-        import triton
-
-        versions["triton"] = triton.__version__
+    versions = {"colt5": __version__, "python": sys.version.split()[0]}
+    for package in ("torch", "transformers", "datasets", "accelerate") + (("triton",) if torch.cuda.is_available() else ()):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
     return versions
 
 
