@@ -425,13 +425,6 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.output_dir} already holds checkpoints of a run: pass --resume to continue it, --overwrite to "
             "start afresh there, or another --output-dir."
         )
-    if rank == 0:
-        if args.overwrite:
-            # A fresh run must not leave the old run's checkpoints for a later --resume to pick up.
-            for old_checkpoint in args.output_dir.glob("checkpoint-*"):
-                shutil.rmtree(old_checkpoint)
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        (args.output_dir / SETTINGS_FILE).write_text(json.dumps(_run_settings(args), indent=2) + "\n")
 
     torch.manual_seed(args.seed)
     tokenizer = _load_tokenizer(args)
@@ -467,6 +460,14 @@ def main(argv: list[str] | None = None) -> None:
             "--fsdp: accelerate did not enable FSDP (it shards over GPUs only; these processes run on "
             f"{training_args.device}). Leave out --fsdp to train with DDP."
         )
+    if rank == 0:  # only once data and model have been built from the settings
+        if args.overwrite:
+            # A fresh run must not leave the old run's checkpoints for a later --resume to pick up.
+            for old_checkpoint in args.output_dir.glob("checkpoint-*"):
+                shutil.rmtree(old_checkpoint)
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        # What --resume restores.
+        (args.output_dir / SETTINGS_FILE).write_text(json.dumps(_run_settings(args), indent=2) + "\n")
     train_result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if not any("eval_loss" in entry and entry["step"] == trainer.state.global_step
                for entry in trainer.state.log_history):

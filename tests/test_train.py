@@ -156,13 +156,14 @@ def test_local_data_formats(tmp_path):
         load_documents(str(tmp_path), None, task="classification")
 
 
-def test_hub_dataset_offline_fails_clearly():
-    result = run_script(["--dataset", "colt5-test/no-such-dataset-anywhere", "--output-dir", "unused"],
+def test_hub_dataset_offline_fails_clearly(tmp_path):
+    result = run_script(["--dataset", "colt5-test/no-such-dataset-anywhere", "--output-dir", str(tmp_path / "run")],
                         env={"HF_DATASETS_OFFLINE": "1"})
     assert result.returncode == 1
     assert "colt5-train: Could not load the dataset 'colt5-test/no-such-dataset-anywhere'" in result.stderr
     assert "needs network access" in result.stderr and "--data" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # a run that could not start leaves nothing behind
 
 
 def test_evenly_spaced_covers_the_whole_set():
