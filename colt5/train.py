@@ -8,8 +8,8 @@ byte on held-out files, a generated sample at the end, and leaves in --output-di
 AutoModelForCausalLM (safetensors, config, tokenizer, model code, model card, loss plot) next to Trainer's
 resumable checkpoints (checkpoint-N).
 
-Multi-GPU: `torchrun --nproc_per_node N -m colt5.train ...` or `accelerate launch -m colt5.train ...` (DDP; add
---fsdp for FSDP). A killed run continues with --resume.
+Several GPUs (or CPU processes): `torchrun --standalone --nproc_per_node N -m colt5.train ...` (DDP; add --fsdp for
+FSDP2 on GPUs). A killed run continues with --resume.
 """
 
 import argparse
@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 from datasets import Dataset
+from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -59,28 +60,30 @@ SETTINGS_FILE = "colt5_train_settings.json"
 _INVOCATION_ONLY = {"resume", "overwrite", "push_to_hub", "hub_private", "sample_tokens", "prompt"}
 
 
+# Model sizes. `base` and `large` are the paper's CoLT5-B and CoLT5-L widths; `tiny` and `small` fit a CPU.
+PRESETS = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, light_num_heads=2, light_head_dim=16, heavy_num_heads=2,
+                 heavy_head_dim=16, light_window_size=31, light_intermediate_size=128, heavy_intermediate_size=256,
+                 routed_query_tokens=0.125, routed_ff_tokens=0.125),
+    "small": dict(hidden_size=128, num_hidden_layers=2, light_num_heads=2, light_head_dim=32, heavy_num_heads=4,
+                  heavy_head_dim=32, light_window_size=63, light_intermediate_size=256, heavy_intermediate_size=1024,
+                  routed_query_tokens=0.125, routed_ff_tokens=0.125),
+    "base": dict(hidden_size=768, num_hidden_layers=12, light_num_heads=4, light_head_dim=64, heavy_num_heads=8,
+                 heavy_head_dim=64, light_window_size=127, light_intermediate_size=1024, heavy_intermediate_size=8192),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, light_num_heads=4, light_head_dim=64, heavy_num_heads=12,
+                  heavy_head_dim=64, light_window_size=127, light_intermediate_size=1408,
+                  heavy_intermediate_size=11264),
+}
+
+
 def preset_config(preset: str, seq_len: int) -> dict:
-    """Model sizes. `base` and `large` are the paper's CoLT5-B and CoLT5-L widths; `tiny` and `small` fit a CPU.
-    Causal models route a key/value memory of seq_len / 8 tokens (at least 64) re-chosen every seq_len / 8 tokens
-    (64 to 1024)."""
-    memory, block = max(seq_len // 8, 64), min(max(seq_len // 8, 64), 1024)
-    presets = {
-        "tiny": dict(hidden_size=64, num_hidden_layers=2, light_num_heads=2, light_head_dim=16, heavy_num_heads=2,
-                     heavy_head_dim=16, light_window_size=31, light_intermediate_size=128,
-                     heavy_intermediate_size=256, routed_query_tokens=0.125, routed_ff_tokens=0.125),
-        "small": dict(hidden_size=128, num_hidden_layers=2, light_num_heads=2, light_head_dim=32, heavy_num_heads=4,
-                      heavy_head_dim=32, light_window_size=63, light_intermediate_size=256,
-                      heavy_intermediate_size=1024, routed_query_tokens=0.125, routed_ff_tokens=0.125),
-        "base": dict(hidden_size=768, num_hidden_layers=12, light_num_heads=4, light_head_dim=64, heavy_num_heads=8,
-                     heavy_head_dim=64, light_window_size=127, light_intermediate_size=1024,
-                     heavy_intermediate_size=8192),
-        "large": dict(hidden_size=1024, num_hidden_layers=24, light_num_heads=4, light_head_dim=64,
-                      heavy_num_heads=12, heavy_head_dim=64, light_window_size=127, light_intermediate_size=1408,
-                      heavy_intermediate_size=11264),
-    }
-    if preset not in presets:
-        raise ValueError(f"Unknown --preset {preset!r}: choose one of {sorted(presets)}.")
-    return dict(presets[preset], routed_kv_tokens=memory, causal_block_size=block, max_position_embeddings=seq_len)
+    """CoLT5Config settings of a preset for `seq_len`-token sequences. Causal models route a key/value memory of
+    seq_len / 8 tokens (at least 64) re-chosen every seq_len / 8 tokens (64 to 1024)."""
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown --preset {preset!r}: choose one of {sorted(PRESETS)}.")
+    memory = max(seq_len // 8, 64)
+    return dict(PRESETS[preset], routed_kv_tokens=memory, causal_block_size=min(memory, 1024),
+                max_position_embeddings=seq_len)
 
 
 def parse_config_overrides(pairs: list[str]) -> dict:
@@ -95,11 +98,13 @@ def parse_config_overrides(pairs: list[str]) -> dict:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    known = {f.name for f in fields(CoLT5Config)}
-    unknown = sorted(set(overrides) - known)
+    types = {f.name: f.type for f in fields(CoLT5Config)}
+    unknown = sorted(set(overrides) - set(types))
     if unknown:
         raise ValueError(f"--config: {unknown} are not CoLT5Config fields.")
-    return overrides
+    # "1" reads as an int; a float-only field (router_eps) takes it as 1.0.
+    return {key: float(value) if types[key] is float and type(value) is int else value
+            for key, value in overrides.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     what = parser.add_argument_group("what to train")
     what.add_argument("--task", choices=TASKS, default="causal-lm",
                       help="causal-lm: CoLT5ForCausalLM on packed text; classification: CoLT5ForSequenceClassification")
-    what.add_argument("--preset", default="small", help="model size: tiny, small (default), base, large")
+    what.add_argument("--preset", choices=list(PRESETS), default="small", help="model size (default: small)")
     what.add_argument("--init-from", default=None,
                       help="start from this checkpoint folder (e.g. fine-tune a classifier from a trained LM)")
     what.add_argument("--lora-rank", type=int, default=0,
@@ -141,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bf16 autocast (default: on for GPUs that support it)")
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--fsdp", action="store_true",
-                       help="shard with FSDP (under torchrun / accelerate launch); wraps each CoLT5 layer")
+                       help="shard with FSDP2 over GPUs (under torchrun); wraps each CoLT5 layer")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--logging-steps", type=int, default=10)
     train.add_argument("--eval-steps", type=int, default=None, help="default: --steps / 4")
@@ -189,6 +194,10 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     for name in ("eval_steps", "save_steps", "max_eval_sequences"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    try:
+        parse_config_overrides(args.config)
+    except ValueError as error:
+        parser.error(str(error))
     if args.lr <= 0:
         parser.error(f"--lr must be > 0, got {args.lr}.")
     if args.resume and args.overwrite:
@@ -200,7 +209,7 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if args.lora_rank and args.fsdp:
         parser.error("--lora-rank with --fsdp is not supported: train the adapters with DDP (leave out --fsdp).")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        parser.error("--fsdp shards over several processes: start the run with torchrun or accelerate launch.")
+        parser.error("--fsdp shards over several processes: start the run with torchrun --nproc_per_node N.")
 
 
 def _run_settings(args: argparse.Namespace) -> dict:
@@ -431,7 +440,10 @@ def main(argv: list[str] | None = None) -> None:
     data = prepare_data(args, tokenizer)
     train_set, eval_set, label_names = data.train, data.eval, data.label_names
 
-    model = build_model(args, tokenizer, label_names)
+    try:
+        model = build_model(args, tokenizer, label_names)
+    except (ValueError, StrictDataclassError) as error:  # CoLT5Config's validation: the message names the field
+        raise SystemExit(f"colt5-train: {error}") from error
     if args.lora_rank:
         model = add_lora_adapters(model, args.lora_rank, args.task)
     training_args = _training_arguments(args, model, resuming=checkpoint is not None)

@@ -185,8 +185,11 @@ def test_presets_build_valid_configs():
 
 
 def test_config_overrides():
-    assert parse_config_overrides(["router_iterations=50", "router_backend=torch", "router_eps_schedule=[2, 0.9]"]) == {
-        "router_iterations": 50, "router_backend": "torch", "router_eps_schedule": [2, 0.9]}
+    overrides = parse_config_overrides(
+        ["router_iterations=50", "router_backend=torch", "router_eps_schedule=[2, 0.9]", "router_eps=2"])
+    assert overrides == {"router_iterations": 50, "router_backend": "torch", "router_eps_schedule": [2, 0.9],
+                         "router_eps": 2.0}
+    assert type(overrides["router_eps"]) is float and type(overrides["router_iterations"]) is int
     with pytest.raises(ValueError, match="not CoLT5Config fields"):
         parse_config_overrides(["hidden=3"])
     with pytest.raises(ValueError, match="key=value"):
@@ -201,6 +204,8 @@ def test_config_overrides():
         (["--fsdp"], "--fsdp shards over several processes"),
         (["--resume", "--overwrite"], "pass one"),
         (["--lora-rank", "4", "--fsdp"], "not supported"),
+        (["--preset", "huge"], "invalid choice: 'huge'"),
+        (["--config", "hidden=3"], "not CoLT5Config fields"),
     ],
 )
 def test_bad_settings_fail_before_any_work(argv, message, capsys, tmp_path):
@@ -211,6 +216,12 @@ def test_bad_settings_fail_before_any_work(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit):
         parse_args([*argv, "--output-dir", str(tmp_path)])
     assert message in capsys.readouterr().err
+
+
+def test_invalid_config_value_stops_the_run_naming_the_field(tmp_path):
+    with pytest.raises(SystemExit, match="colt5-train: router_eps must be > 0"):
+        main([*TINY_RUN, "--steps", "1", "--config", "router_eps=-1", "--output-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 def test_last_complete_checkpoint_skips_a_partly_written_one(tmp_path):
