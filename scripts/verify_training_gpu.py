@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from colt5.train import last_complete_checkpoint
+
 SHORT_RUN = ["--preset", "small", "--seq-len", "2048", "--steps", "20", "--logging-steps", "1", "--eval-steps", "20",
              "--max-eval-sequences", "16", "--sample-tokens", "0", "--lr", "1e-3"]
 
@@ -45,8 +46,7 @@ def run(name: str, args: list[str], work_dir: Path, processes: int = 1) -> dict:
         print(f"{name}: FAILED\n{record['error']}", flush=True)
         return record
     summary = json.loads((output_dir / "train_summary.json").read_text())
-    state = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
-    history = json.loads((state / "trainer_state.json").read_text())["log_history"]
+    history = json.loads((last_complete_checkpoint(output_dir) / "trainer_state.json").read_text())["log_history"]
     record.update(
         losses=[entry["loss"] for entry in history if "loss" in entry],
         start_eval=summary["start_eval"],

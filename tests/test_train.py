@@ -60,14 +60,10 @@ def run_script(args: list[str], env: dict | None = None, **kwargs) -> subprocess
                           text=True, **kwargs)
 
 
-def log_history(output_dir: Path, checkpoint: str | None = None) -> list[dict]:
-    folder = output_dir / checkpoint if checkpoint else output_dir
-    state = folder / "trainer_state.json" if checkpoint else last_complete_checkpoint(output_dir) / "trainer_state.json"
-    return json.loads(state.read_text())["log_history"]
-
-
 def train_losses(output_dir: Path) -> list[float]:
-    return [entry["loss"] for entry in log_history(output_dir) if "loss" in entry]
+    """Training losses of a finished run, from its last checkpoint's Trainer state."""
+    state = last_complete_checkpoint(output_dir) / "trainer_state.json"
+    return [entry["loss"] for entry in json.loads(state.read_text())["log_history"] if "loss" in entry]
 
 
 # ---------------------------------------------------------------- data
