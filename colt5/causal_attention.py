@@ -26,7 +26,7 @@ from einops import rearrange
 from .causal_router import ThresholdRouter, route_block_memory
 from .masked_sdpa import masked_sdpa
 from .rotary import apply_rotary
-from .routed_attention import TwoBranchAttention
+from .routed_attention import TwoBranchAttention, project
 from .router import TokenScorer, route
 
 
@@ -149,7 +149,7 @@ class CausalRoutedAttention(TwoBranchAttention):
         if router_kwargs.pop("route_block_size", None) is not None:
             raise ValueError("route_block_size does not apply to causal attention: its memory is routed per block.")
         self.memory_route_kwargs = router_kwargs
-        self.memory_size, self.block_size, self.window = memory_size, block_size, light_window_size
+        self.memory_size, self.block_size = memory_size, block_size
         self.q_router = ThresholdRouter(
             dim,
             routed_query_fraction,
@@ -188,7 +188,7 @@ class CausalRoutedAttention(TwoBranchAttention):
             if state is not None:
                 position_ids = position_ids + torch.tensor(valid_counts, device=x.device).unsqueeze(-1)
         if state is None:
-            light, light_kv = self._light_full(x, valid, position_ids)
+            light, light_kv = self._light_full(x, mask, position_ids)
             heavy, memory = self._heavy_full(x, valid, position_ids, keep_state=valid_counts is not None)
             if valid_counts is None:
                 return light + heavy, None
@@ -200,14 +200,14 @@ class CausalRoutedAttention(TwoBranchAttention):
         return torch.cat(outputs, dim=1), state
 
     # ------------------------------------------------------------------------------------------------ light
-    def _light_full(self, x: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor):
+    def _light_full(self, x: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor):
         q, k, v = self._light_qkv(x, position_ids)
-        out = self.local_attention(q, k, v, mask=valid)  # always a mask: see ConditionalRoutedAttention._light
+        out = self._local_attention(q, k, v, mask)
         return self.light_o_proj(rearrange(out, "b h n e -> b n (h e)")), (k, v)
 
     def _light_ring(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
         """The ring buffers of the state from `(batch, heads, n, head_dim)` keys/values of positions 0..n-1."""
-        length, ring = keys.shape[2], self.window + 1
+        length, ring = keys.shape[2], self.light_window_size + 1
         last = torch.arange(max(0, length - ring), length, device=keys.device)
         slots = last % ring
         ring_keys = keys.new_zeros(*keys.shape[:2], ring, keys.shape[-1]).index_copy_(2, slots, keys[:, :, last])
@@ -219,8 +219,8 @@ class CausalRoutedAttention(TwoBranchAttention):
     def _keys_values(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated heavy keys and values of every token: `(batch, sets, n, heads_per_set * head_dim)` each."""
         split = "b n (s h e) -> b n s h e"
-        keys = rearrange(self.heavy_k_proj(x), split, s=self.num_routed_kv, h=self.heads_per_set)
-        values = self.heavy_v_proj(x)
+        keys, values = project(x, self.heavy_k_proj, self.heavy_v_proj)
+        keys = rearrange(keys, split, s=self.num_routed_kv, h=self.heads_per_set)
         cos, sin = self.heavy_rotary(position_ids[:, :, None, None], keys.dtype)
         keys = rearrange(apply_rotary(keys, cos, sin), "b n s h e -> b s n (h e)")
         return keys, rearrange(values, "b n (s f) -> b s n f", s=self.num_routed_kv)
@@ -277,7 +277,9 @@ class CausalRoutedAttention(TwoBranchAttention):
 
         gate = self.q_router(x, valid)
         routed_in_block = gate.routed.gather(1, order.flatten(1)).view_as(order) & in_block
-        num_queries = int(routed_in_block.sum(-1).max())
+        # Query slots per block: a multiple of 64 (within the block), which the memory-efficient attention backward
+        # needs for its fast (sequence-aligned) kernel; the extra slots are empty.
+        num_queries = min(block, -(-int(routed_in_block.sum(-1).max()) // 64) * 64)
         heavy = x.new_zeros(batch, length, dim)
         if num_queries > 0:
             query_slot = (~routed_in_block).to(torch.int8).sort(dim=-1, stable=True).indices[..., :num_queries]
@@ -392,7 +394,7 @@ class CausalRoutedAttention(TwoBranchAttention):
         batch, seen = x.shape[0], state.seen_tokens
         # Light branch: write the token into the ring buffer, then attend to every filled slot.
         q, k, v = self._light_qkv(x, position_ids)
-        ring_slot = seen % (self.window + 1)
+        ring_slot = seen % (self.light_window_size + 1)
         state.light_keys[:, :, ring_slot] = k[:, :, 0]
         state.light_values[:, :, ring_slot] = v[:, :, 0]
         state.light_mask[:, ring_slot] = True

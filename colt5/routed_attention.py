@@ -4,7 +4,8 @@
     y = A_light(x) + lambda_q * A_heavy(x_q, lambda_kv * x_kv)
 
 Light branch: local attention (every token attends to the `light_window_size` tokens on each side) with few
-heads, from the local-attention package. Heavy branch: full attention from routed queries to routed keys/values
+heads: on GPUs FlexAttention over the window's tiles (or, with attention dropout, one SDPA call over blocked
+windows; sliding_window.py), elsewhere the local-attention package, the reference both are tested against. Heavy branch: full attention from routed queries to routed keys/values
 with more heads; the heavy heads are split evenly among `num_routed_kv` key/value routing sets.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from local_attention import LocalAttention
 from torch import nn
@@ -20,6 +22,14 @@ from torch import nn
 from .masked_sdpa import masked_sdpa
 from .rotary import RotaryEmbedding, apply_rotary
 from .router import CoordinateDescentRouter, gather_tokens, scatter_tokens
+from .sliding_window import FLEX_MIN_HEAD_DIM, flex_sliding_window_attention, sliding_window_attention
+
+
+def project(x: torch.Tensor, *projections: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """`x` `(..., dim)` through several bias-free projections as one matmul: x is read once, and the backward pass
+    makes one gradient matmul back to x instead of one per projection plus the sums."""
+    weight = torch.cat([projection.weight for projection in projections])
+    return F.linear(x, weight).split([projection.out_features for projection in projections], dim=-1)
 
 
 class TwoBranchAttention(nn.Module):
@@ -63,6 +73,8 @@ class TwoBranchAttention(nn.Module):
         self.light_v_proj = nn.Linear(dim, light_inner, bias=False)
         self.light_o_proj = nn.Linear(light_inner, dim, bias=False)
         self.light_rotary = RotaryEmbedding(light_dim_head, rotary_theta)
+        self.light_window_size = light_window_size
+        self.causal = causal
         self.local_attention = LocalAttention(
             window_size=light_window_size,
             causal=causal,
@@ -84,11 +96,28 @@ class TwoBranchAttention(nn.Module):
     def _light_qkv(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Light-branch queries, keys (both rotated) and values, `(batch, light_heads, n, head_dim)` each."""
         q, k, v = (
-            rearrange(proj(x), "b n (h e) -> b h n e", h=self.light_heads)
-            for proj in (self.light_q_proj, self.light_k_proj, self.light_v_proj)
+            rearrange(t, "b n (h e) -> b h n e", h=self.light_heads)
+            for t in project(x, self.light_q_proj, self.light_k_proj, self.light_v_proj)
         )
         cos, sin = self.light_rotary(position_ids.unsqueeze(1), q.dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def _local_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The light branch's windowed attention: q, k, v `(batch, light_heads, n, head_dim)`, mask `(batch, n)`
+        bool (False = padding) or None."""
+        dropout = self.dropout if self.training else 0.0
+        if q.is_cuda and dropout == 0.0 and q.shape[-1] >= FLEX_MIN_HEAD_DIM:
+            # The local-attention package materialises blocked score matrices through a chain of einsums, masks and
+            # softmax; FlexAttention visits the same windows in one fused kernel.
+            return flex_sliding_window_attention(q, k, v, mask, self.light_window_size, self.causal)
+        valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device) if mask is None else mask.bool()
+        if q.is_cuda:
+            return sliding_window_attention(q, k, v, valid, self.light_window_size, self.causal, dropout)
+        # Always pass a mask: without one, local-attention lets queries attend to the zero keys it pads the
+        # sequence with up to a multiple of the window.
+        return self.local_attention(q, k, v, mask=valid)
 
     def _unrouted(self, routed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
         """The learned heavy output of the tokens not routed (`routed` `(batch, n)` bool), or 0 without one."""
@@ -168,11 +197,7 @@ class ConditionalRoutedAttention(TwoBranchAttention):
 
     def _light(self, x: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor) -> torch.Tensor:
         q, k, v = self._light_qkv(x, position_ids)
-        # Always pass a mask: without one, local-attention lets queries attend to the zero keys it pads the
-        # sequence with up to a multiple of the window.
-        if mask is None:
-            mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        out = self.local_attention(q, k, v, mask=mask.bool())
+        out = self._local_attention(q, k, v, mask)
         return self.light_o_proj(rearrange(out, "b h n e -> b n (h e)"))
 
     def _project_routed_kv(self, tokens: torch.Tensor, proj: nn.Linear) -> torch.Tensor:

@@ -1,0 +1,499 @@
+"""Long-context speed benchmark: CoLT5's routed layers and models against dense attention, in one GPU call.
+
+Layers (bf16 weights and inputs, batch 2, width 512; routed: 4 light heads of 64 in a +-127 window, 8 heavy heads
+of 64, 1/16 of tokens as heavy queries and heavy feedforward, 1/8 as keys/values; causal: memory n/8, blocks of
+min(n/8, 1024) tokens):
+- encoder attention    ConditionalRoutedAttention   vs dense SDPA attention (8 heads of 64, q/k/v/o projections)
+- causal attention     CausalRoutedAttention         vs dense causal SDPA attention
+- encoder feedforward  ConditionalRoutedFeedForward  vs the dense gated 4x MLP (the heavy MLP on every token)
+- causal feedforward   CausalRoutedFeedForward       vs the same dense MLP
+- encoder block / causal block: pre-norm block of the two vs a pre-norm dense block
+and the reference package (colt5-attention, `bench` extra) in float32, where it runs: it fails under bf16.
+Forward is timed under no_grad, forward+backward with a random output gradient; ms are per call, the median of
+three groups of back-to-back calls (CUDA events). Peak MB: memory allocated by one forward+backward above the
+inputs and weights. floor: the layer's matmul FLOPs at the measured bf16 matmul rate, or its input and output bytes
+at the measured copy bandwidth, whichever is larger.
+
+Models (autocast bf16, float32 weights, AdamW steps, width 512, 8 layers, byte vocabulary of 384, batch of
+max(1, 65536 / n) sequences): CoLT5ForCausalLM vs LlamaForCausalLM (SDPA) and CoLT5Model vs BertModel (SDPA, a
+dense bidirectional encoder; loss = mean square of the last hidden state), training tokens/s and peak GB.
+
+Usage: python scripts/bench_long_context.py [--lengths 4096 ... 131072] [--model-lengths 8192 32768 65536]
+       [--profile 32768] [--json results/x.json] [--plot results/x.png]
+       (--smoke: tiny sizes on CPU, to check the script runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from colt5 import CoLT5Config, CoLT5ForCausalLM, CoLT5Model
+from colt5.causal_attention import CausalRoutedAttention
+from colt5.routed_attention import ConditionalRoutedAttention
+from colt5.routed_block import CausalRoutedTransformerBlock, ConditionalRoutedTransformerBlock
+from colt5.routed_feedforward import CausalRoutedFeedForward, ConditionalRoutedFeedForward, GatedMLP
+
+DIM, HEADS, HEAD_DIM, BATCH = 512, 8, 64, 2
+LIGHT_HEADS, HEAVY_HEADS, WINDOW = 4, 8, 127
+MLP_HIDDEN, LIGHT_MLP_HIDDEN = 4 * DIM, DIM // 2
+Q_FRACTION, KV_FRACTION, FF_FRACTION = 1 / 16, 1 / 8, 1 / 16
+MODEL_LAYERS, MODEL_VOCAB, MODEL_TOKENS_PER_STEP = 8, 384, 65536
+
+
+def memory_and_block(n: int) -> tuple[int, int]:
+    """The causal layer's routed memory and block size at length n (colt5-train's presets do the same)."""
+    memory = max(n // 8, 64)
+    return memory, min(memory, 1024)
+
+
+# ------------------------------------------------------------------------------------------------ dense baselines
+class DenseAttention(nn.Module):
+    """q/k/v/o projections around one SDPA call (flash attention on GPUs): the dense layer routing must beat."""
+
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.qkv_proj = nn.Linear(DIM, 3 * HEADS * HEAD_DIM, bias=False)
+        self.o_proj = nn.Linear(HEADS * HEAD_DIM, DIM, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).unflatten(-1, (3, HEADS, HEAD_DIM)).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+class DenseBlock(nn.Module):
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.attention_norm, self.mlp_norm = nn.RMSNorm(DIM), nn.RMSNorm(DIM)
+        self.attention, self.mlp = DenseAttention(causal), GatedMLP(DIM, MLP_HIDDEN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class FirstOutput(nn.Module):
+    """Wraps a causal layer, whose forward also returns a decoding state, to return the output alone."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)[0]
+
+
+# ------------------------------------------------------------------------------------------------ layers
+def ours(kind: str, n: int) -> nn.Module:
+    memory, block = memory_and_block(n)
+    attention = dict(light_heads=LIGHT_HEADS, heavy_heads=HEAVY_HEADS, light_window_size=WINDOW)
+    if kind == "encoder attention":
+        return ConditionalRoutedAttention(DIM, num_heavy_tokens_q=Q_FRACTION, num_heavy_tokens_kv=KV_FRACTION, **attention)
+    if kind == "causal attention":
+        return FirstOutput(
+            CausalRoutedAttention(DIM, routed_query_fraction=Q_FRACTION, memory_size=memory, block_size=block, **attention)
+        )
+    mlps = dict(light_hidden_dim=LIGHT_MLP_HIDDEN, heavy_hidden_dim=MLP_HIDDEN)
+    if kind == "encoder feedforward":
+        return ConditionalRoutedFeedForward(DIM, num_heavy_tokens=FF_FRACTION, **mlps)
+    if kind == "causal feedforward":
+        return CausalRoutedFeedForward(DIM, fraction=FF_FRACTION, **mlps)
+    blocks = dict(light_ff_hidden_dim=LIGHT_MLP_HIDDEN, heavy_ff_hidden_dim=MLP_HIDDEN, **attention)
+    if kind == "encoder block":
+        return ConditionalRoutedTransformerBlock(
+            DIM, num_heavy_tokens_q=Q_FRACTION, num_heavy_tokens_kv=KV_FRACTION, num_heavy_ff_tokens=FF_FRACTION, **blocks
+        )
+    if kind == "causal block":
+        return FirstOutput(
+            CausalRoutedTransformerBlock(
+                DIM, routed_query_fraction=Q_FRACTION, routed_ff_fraction=FF_FRACTION, memory_size=memory,
+                block_size=block, **blocks,
+            )
+        )
+    raise ValueError(kind)
+
+
+def dense(kind: str) -> nn.Module:
+    causal = kind.startswith("causal")
+    if kind.endswith("attention"):
+        return DenseAttention(causal)
+    if kind.endswith("feedforward"):
+        return GatedMLP(DIM, MLP_HIDDEN)
+    return DenseBlock(causal)
+
+
+def reference(kind: str, n: int) -> nn.Module | None:
+    """The colt5-attention package's layer with the same sizes, or None where it has none."""
+    try:
+        import colt5_attention as ref
+    except ImportError:
+        return None
+    _, block = memory_and_block(n)
+    attention = dict(light_heads=LIGHT_HEADS, heavy_heads=HEAVY_HEADS, light_window_size=WINDOW + 1)
+    if kind == "encoder attention":
+        return ref.ConditionalRoutedAttention(DIM, num_heavy_tokens_q=n // 16, num_heavy_tokens_kv=n // 8, **attention)
+    if kind == "causal attention":
+        return ref.ConditionalRoutedAutoregressiveAttention(
+            DIM, num_heavy_tokens_q=block // 16, num_heavy_tokens_kv=n // 8, heavy_window_size=block, **attention
+        )
+    if kind == "encoder feedforward":
+        return ref.ConditionalRoutedFeedForward(DIM, num_heavy_tokens=n // 16)
+    if kind == "encoder block":
+        return ref.ConditionalRoutedTransformerBlock(
+            DIM, num_heavy_attn_tokens_q=n // 16, num_heavy_attn_tokens_kv=n // 8, num_heavy_ff_tokens=n // 16,
+            **attention,
+        )
+    return None
+
+
+def matmul_flops(kind: str, n: int, routed: bool) -> float:
+    """Forward matmul FLOPs per sample (x3 for forward+backward): the arithmetic a perfect kernel still does."""
+    causal = kind.startswith("causal")
+    attention_flops = mlp_flops = 0.0
+    if not kind.endswith("feedforward"):
+        if routed:
+            q, kv = n * Q_FRACTION, (memory_and_block(n)[0] + memory_and_block(n)[1] / 2 if causal else n * KV_FRACTION)
+            light, heavy = LIGHT_HEADS * HEAD_DIM, HEAVY_HEADS * HEAD_DIM
+            window = (WINDOW + 1) if causal else (2 * WINDOW + 1)
+            attention_flops = 2 * n * DIM * 4 * light + 4 * n * window * light  # light projections and attention
+            attention_flops += 2 * q * DIM * 2 * heavy + 2 * (n if causal else kv) * DIM * 2 * heavy
+            attention_flops += 4 * q * kv * heavy
+        else:
+            attention_flops = 2 * n * DIM * 4 * HEADS * HEAD_DIM + 4 * n * n * HEADS * HEAD_DIM * (0.5 if causal else 1)
+    if not kind.endswith("attention"):
+        mlp_flops = 6 * n * DIM * (LIGHT_MLP_HIDDEN + FF_FRACTION * MLP_HIDDEN if routed else MLP_HIDDEN)
+    return attention_flops + mlp_flops
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(step: Callable[[], None], budget_s: float = 0.25) -> float:
+    """Milliseconds per call: the median of three groups of back-to-back calls, after two warm-up calls."""
+    step()
+    sync()
+    start = time.perf_counter()
+    step()
+    sync()
+    single = time.perf_counter() - start
+    reps = max(2, min(50, int(budget_s / max(single, 1e-6))))
+    groups = []
+    for _ in range(3):
+        sync()
+        start = time.perf_counter()
+        for _ in range(reps):
+            step()
+        sync()
+        groups.append((time.perf_counter() - start) / reps * 1e3)
+    return statistics.median(groups)
+
+
+def peak_mb(step: Callable[[], None]) -> float:
+    if not torch.cuda.is_available():
+        return float("nan")
+    sync()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    sync()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure_layer(module: nn.Module, n: int, dtype: torch.dtype, device: torch.device) -> dict:
+    module = module.to(device=device, dtype=dtype)
+    x = torch.randn(BATCH, n, DIM, device=device, dtype=dtype)
+    grad = torch.randn_like(x)
+
+    def forward():
+        with torch.no_grad():
+            module(x)
+
+    def forward_backward():
+        module.zero_grad(set_to_none=True)
+        module(x.requires_grad_()).backward(grad)
+        x.grad = None
+
+    result = {}
+    try:
+        module.eval()
+        result["fwd_ms"] = timed(forward)
+        module.train()
+        result["fwd_bwd_ms"] = timed(forward_backward)
+        module.zero_grad(set_to_none=True)
+        result["peak_mb"] = peak_mb(forward_backward)
+    except torch.OutOfMemoryError:
+        result["error"] = "out of memory"
+    except Exception as error:  # the reference fails on some sizes: record why and go on
+        result["error"] = f"{type(error).__name__}: {str(error)[:100]}"
+    del x, grad
+    module.to("meta")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def machine_rates(device: torch.device) -> dict:
+    """Measured bf16 matmul FLOP/s and device copy bytes/s (read + write): the floors' denominators."""
+    if device.type != "cuda":
+        return dict(matmul_tflops=float("nan"), copy_gbs=float("nan"))
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    matmul_ms = timed(lambda: a @ a)
+    big = torch.empty(2**28, device=device, dtype=torch.uint8)
+    out = torch.empty_like(big)
+    copy_ms = timed(lambda: out.copy_(big))
+    return dict(matmul_tflops=2 * 8192**3 / matmul_ms / 1e9, copy_gbs=2 * big.numel() / copy_ms / 1e6)
+
+
+def floor_ms(kind: str, n: int, rates: dict, backward: bool) -> float:
+    flops = BATCH * matmul_flops(kind, n, routed=True) * (3 if backward else 1)
+    bytes_moved = BATCH * n * DIM * 2 * (2 if not backward else 4)  # x in, y out (and their gradients)
+    return max(flops / (rates["matmul_tflops"] * 1e9), bytes_moved / (rates["copy_gbs"] * 1e6))
+
+
+# ------------------------------------------------------------------------------------------------ models
+def model_pair(task: str, n: int, smoke: bool) -> dict[str, nn.Module]:
+    dim, layers = (64, 2) if smoke else (DIM, MODEL_LAYERS)
+    memory, block = memory_and_block(n)
+    colt5 = CoLT5Config(
+        vocab_size=MODEL_VOCAB, hidden_size=dim, num_hidden_layers=layers, light_num_heads=LIGHT_HEADS,
+        light_head_dim=dim // HEADS, heavy_num_heads=HEAVY_HEADS, heavy_head_dim=dim // HEADS,
+        light_window_size=WINDOW, light_intermediate_size=dim // 2, heavy_intermediate_size=4 * dim,
+        routed_kv_tokens=memory if task == "causal" else KV_FRACTION, causal_block_size=block,
+        max_position_embeddings=n, is_causal=task == "causal", use_cache=False,
+    )
+    if task == "causal":
+        llama = LlamaConfig(
+            vocab_size=MODEL_VOCAB, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=HEADS,
+            num_key_value_heads=HEADS, intermediate_size=4 * dim, max_position_embeddings=n, tie_word_embeddings=True,
+            pad_token_id=0, eos_token_id=1, bos_token_id=None, use_cache=False,
+        )
+        return {"colt5": CoLT5ForCausalLM(colt5), "llama": LlamaForCausalLM._from_config(llama, attn_implementation="sdpa")}
+    bert = BertConfig(
+        vocab_size=MODEL_VOCAB, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=HEADS,
+        intermediate_size=4 * dim, max_position_embeddings=n, pad_token_id=0,
+    )
+    return {"colt5": CoLT5Model(colt5), "bert": BertModel._from_config(bert, attn_implementation="sdpa", add_pooling_layer=False)}
+
+
+def measure_model(model: nn.Module, task: str, n: int, device: torch.device) -> dict:
+    batch = max(1, MODEL_TOKENS_PER_STEP // n)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(3, MODEL_VOCAB, (batch, n), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            if task == "causal":
+                loss = model(input_ids=ids, labels=ids).loss
+            else:
+                loss = model(input_ids=ids).last_hidden_state.float().square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    result = dict(batch=batch, params_m=sum(p.numel() for p in model.parameters()) / 1e6)
+    try:
+        step_ms = timed(step, budget_s=1.0)
+        result.update(step_ms=step_ms, tokens_per_s=batch * n / step_ms * 1e3, peak_gb=peak_mb(step) / 1024)
+    except torch.OutOfMemoryError:
+        result["error"] = "out of memory"
+    del optimizer
+    model.to("meta")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ profile
+def profile_layer(kind: str, n: int, dtype: torch.dtype, device: torch.device, top: int = 12) -> str:
+    """Forward+backward of our layer under torch.profiler (device time by kernel) and cProfile (host time by
+    Python function: what the GPU waits for when the layer is host-bound)."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    module = ours(kind, n).to(device=device, dtype=dtype).train()
+    x = torch.randn(BATCH, n, DIM, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def step():
+        module(x).backward(grad)
+
+    for _ in range(2):
+        step()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    calls = 5
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            step()
+        sync()
+    wall = (time.perf_counter() - start) / calls * 1e3
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"] if device.type == "cuda" else []
+    device_total = sum(e.self_device_time_total for e in events) / calls / 1e3
+    launches = sum(e.count for e in events) / calls
+    lines = [
+        f"{kind}, n={n}: profiled wall {wall:.2f} ms/call, device busy {device_total:.2f} ms/call, "
+        f"{launches:.0f} kernels/call"
+    ]
+    for event in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        share = event.self_device_time_total / calls / 1e3
+        lines.append(f"    {share:8.3f} ms  x{event.count // calls:<4d} {event.key[:100]}")
+    host = cProfile.Profile()
+    host.enable()
+    for _ in range(calls):
+        step()
+    sync()
+    host.disable()
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(top)
+    table = text.getvalue().splitlines()
+    start = next((i for i, line in enumerate(table) if "tottime" in line), 0)
+    lines.append(f"  host, {calls} calls, top functions by own time:")
+    lines.extend("    " + line.strip()[:140] for line in table[start : start + top + 1] if line.strip())
+    module.to("meta")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def plot(layers: list[dict], header: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(row["kind"] for row in layers))
+    fig, axes = plt.subplots(len(kinds), 3, figsize=(15, 3.2 * len(kinds)), squeeze=False)
+    for ax_row, kind in zip(axes, kinds):
+        for ax, (metric, label) in zip(ax_row, [("fwd_ms", "forward ms"), ("fwd_bwd_ms", "forward+backward ms"), ("peak_mb", "peak MB (fwd+bwd)")]):
+            for impl, style in (("ours", "o-"), ("dense", "s--"), ("reference", "^:")):
+                points = [
+                    (r["n"], r[metric])
+                    for r in layers
+                    if r["kind"] == kind and r["impl"] == impl and r.get(metric, float("nan")) > 0
+                ]
+                if points:
+                    ax.plot(*zip(*points), style, label=impl)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{kind}: {label}", fontsize=9)
+            ax.set_xlabel("tokens per sample")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(header, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[4096, 8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--model-lengths", type=int, nargs="*", default=[8192, 32768, 65536])
+    parser.add_argument("--kinds", nargs="+", default=None, help="layer kinds to run (default all)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the colt5-attention package")
+    parser.add_argument("--profile", type=int, default=None, help="profile our layers at this length")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, to check the script runs")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.smoke:
+        args.lengths, args.model_lengths = [256, 512], [256]
+    kinds = args.kinds or [
+        "encoder attention", "causal attention", "encoder feedforward", "causal feedforward", "encoder block", "causal block",
+    ]
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    rates = machine_rates(device)
+    header = (
+        f"{gpu}, torch {torch.__version__}, transformers {transformers.__version__}; bf16 matmul "
+        f"{rates['matmul_tflops']:.0f} TFLOP/s, copy {rates['copy_gbs']:.0f} GB/s (measured)"
+    )
+    print(header, flush=True)
+
+    layers = []
+    print(f"\nlayers: batch {BATCH}, width {DIM}; ms per call; x = dense time / ours (ref: reference / ours)")
+    print(f"{'layer':20s} {'n':>7s} {'impl':9s} {'fwd ms':>9s} {'f+b ms':>9s} {'peak MB':>9s} {'x f+b':>7s} {'floor f+b':>10s}")
+    for kind in kinds:
+        for n in args.lengths:
+            torch.manual_seed(n)
+            rows = {"ours": measure_layer(ours(kind, n), n, dtype, device)}
+            rows["dense"] = measure_layer(dense(kind), n, dtype, device)
+            if not args.no_reference and (module := reference(kind, n)) is not None:
+                rows["reference"] = measure_layer(module, n, torch.float32, device)
+            floor = floor_ms(kind, n, rates, backward=True)
+            for impl, row in rows.items():
+                row.update(kind=kind, n=n, impl=impl)
+                if impl == "ours":
+                    row["floor_fwd_ms"], row["floor_fwd_bwd_ms"] = floor_ms(kind, n, rates, False), floor
+                layers.append(row)
+                if "error" in row:
+                    print(f"{kind:20s} {n:7d} {impl:9s} {row['error']}", flush=True)
+                    continue
+                mine = rows["ours"].get("fwd_bwd_ms")
+                ratio = row["fwd_bwd_ms"] / mine if mine and impl != "ours" else float("nan")
+                floor_note = f"{mine / floor:9.1f}x" if impl == "ours" and floor == floor else ""
+                print(
+                    f"{kind:20s} {n:7d} {impl:9s} {row['fwd_ms']:9.3f} {row['fwd_bwd_ms']:9.3f} {row['peak_mb']:9.0f} "
+                    f"{ratio:7.2f} {floor_note:>10s}",
+                    flush=True,
+                )
+
+    models = []
+    print("\nmodels: training step (forward, backward, AdamW), autocast bf16; x = baseline time / ours")
+    print(f"{'task':8s} {'n':>7s} {'model':6s} {'batch':>5s} {'params M':>8s} {'tokens/s':>10s} {'peak GB':>8s} {'x':>6s}")
+    for task in ("causal", "encoder"):
+        for n in args.model_lengths:
+            torch.manual_seed(0)
+            pair = model_pair(task, n, args.smoke)
+            results = {name: measure_model(model, task, n, device) for name, model in pair.items()}
+            for name, row in results.items():
+                row.update(task=task, n=n, model=name)
+                models.append(row)
+                if "error" in row:
+                    print(f"{task:8s} {n:7d} {name:6s} {row['error']}", flush=True)
+                    continue
+                ours_speed = results["colt5"].get("tokens_per_s", float("nan"))
+                ratio = ours_speed / row["tokens_per_s"] if name != "colt5" else float("nan")
+                print(
+                    f"{task:8s} {n:7d} {name:6s} {row['batch']:5d} {row['params_m']:8.1f} {row['tokens_per_s']:10.0f} "
+                    f"{row['peak_gb']:8.2f} {ratio:6.2f}",
+                    flush=True,
+                )
+
+    profiles = []
+    if args.profile:
+        print(f"\nprofiles at n={args.profile} (our layers, forward+backward)")
+        for kind in kinds:
+            profiles.append(profile_layer(kind, args.profile, dtype, device))
+            print(profiles[-1], flush=True)
+
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(dict(header=header, rates=rates, layers=layers, models=models, profiles=profiles), handle, indent=1)
+    if args.plot:
+        plot(layers, header, args.plot)
+
+
+if __name__ == "__main__":
+    main()
