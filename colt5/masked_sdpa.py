@@ -16,14 +16,14 @@ _BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBack
 
 
 def masked_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout: float = 0.0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout: float = 0.0
 ) -> torch.Tensor:
     """`F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)` without the cuDNN backend.
 
     Args:
         q: `(batch, heads, queries, head_dim)`.
         k, v: `(batch, heads, keys, head_dim)`.
-        mask: bool, broadcastable to `(batch, heads, queries, keys)`, True where attention is allowed.
+        mask: bool, broadcastable to `(batch, heads, queries, keys)`, True where attention is allowed; None: all.
         dropout: attention-probability dropout (pass 0 in evaluation).
     """
     with sdpa_kernel(_BACKENDS):

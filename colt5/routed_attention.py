@@ -229,10 +229,13 @@ class ConditionalRoutedAttention(TwoBranchAttention):
         cos_k, sin_k = self.heavy_rotary(kv_positions.repeat_interleave(heads_per_set, dim=1), k.dtype)
         q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos_k, sin_k)
 
-        # A sample with no valid key (fully padded) attends to its empty slots instead of producing NaN; its
-        # queries are empty slots too, so nothing of it reaches the output.
-        kv_mask = routed_kv.mask | ~routed_kv.mask.any(-1, keepdim=True)
-        kv_mask = kv_mask.repeat_interleave(heads_per_set, dim=1).unsqueeze(2)
+        if mask is None:
+            kv_mask = None  # every slot is filled: no mask lets SDPA use its flash kernel
+        else:
+            # A sample with no valid key (fully padded) attends to its empty slots instead of producing NaN; its
+            # queries are empty slots too, so nothing of it reaches the output.
+            kv_mask = routed_kv.mask | ~routed_kv.mask.any(-1, keepdim=True)
+            kv_mask = kv_mask.repeat_interleave(heads_per_set, dim=1).unsqueeze(2)
         out = masked_sdpa(q, k, v, kv_mask, self.dropout if self.training else 0.0)
         out = self.heavy_o_proj(rearrange(out, "b h n e -> b n (h e)")) * q_weights.unsqueeze(-1)
         heavy = scatter_tokens(out, q_indices, length)

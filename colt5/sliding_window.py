@@ -30,9 +30,12 @@ FLEX_MIN_HEAD_DIM = 16  # compiled FlexAttention refuses narrower heads
 
 @functools.cache
 def _compiled_flex_attention():
-    # Eager FlexAttention computes the full score matrix; compiled, it is a fused kernel that visits only the listed
-    # tiles. Compiled once per process; shapes are dynamic after the second length seen (torch.compile's default).
-    return torch.compile(flex_attention)
+    """FlexAttention compiled once per process. Eager, it computes the full score matrix; compiled, it is a fused
+    kernel that visits only the listed tiles.
+
+    Compiled with dynamic shapes, and the mask functions capture tensors rather than Python numbers, so that a new
+    length or window is not a new compilation."""
+    return torch.compile(flex_attention, dynamic=True)
 
 
 def window_block_mask(
@@ -54,11 +57,11 @@ def window_block_mask(
     # BlockMask wants one column per key tile (the listed ones first, the rest unused).
     kv_indices = F.pad(kv_indices, (0, max(0, tiles - kv_indices.shape[-1])))[:, :tiles]
     kv_num_blocks = inside.sum(-1).to(torch.int32)
-    lowest = 0 if causal else -window
+    highest, lowest = (torch.tensor(value, device=device) for value in (window, 0 if causal else -window))
 
     def window_mask(b, h, q_idx, kv_idx):
         distance = q_idx - kv_idx
-        return (distance <= window) & (distance >= lowest)
+        return (distance <= highest) & (distance >= lowest)
 
     def window_and_padding_mask(b, h, q_idx, kv_idx):
         return window_mask(b, h, q_idx, kv_idx) & valid[b, kv_idx]
@@ -106,8 +109,12 @@ def flex_sliding_window_attention(
         block_mask = window_block_mask(n + tail, window, causal, valid, q.device)
     else:
         block_mask = _cached_window_block_mask(n, window, causal, q.device)
-    attend = _compiled_flex_attention() if q.is_cuda else flex_attention
-    return attend(q, k, v, block_mask=block_mask)[:, :, :n]
+    if not q.is_cuda:
+        return flex_attention(q, k, v, block_mask=block_mask)[:, :, :n]
+    # The limit counts variants of the mask function, grad mode and autocast state in one process (training,
+    # evaluation, generation, benchmarks); past it torch.compile would silently run the unfused implementation.
+    with torch._dynamo.config.patch(recompile_limit=64):
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask)[:, :, :n]
 
 # Block sizes are multiples of this: the key span (2 or 3 blocks) is then a multiple of 16, which the
 # memory-efficient kernel wants for the last dimension of its mask (otherwise it pads the mask itself, or falls back).

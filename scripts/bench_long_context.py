@@ -26,8 +26,8 @@ Usage: python scripts/bench_long_context.py [--lengths 4096 ... 131072] [--model
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
-import math
 import platform
 import statistics
 import time
@@ -184,7 +184,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(step: Callable[[], None], budget_s: float = 0.25) -> float:
+def timed(step: Callable[[], None], budget_s: float = 0.2) -> float:
     """Milliseconds per call: the median of three groups of back-to-back calls, after two warm-up calls."""
     step()
     sync()
@@ -241,7 +241,6 @@ def measure_layer(module: nn.Module, n: int, dtype: torch.dtype, device: torch.d
         result["error"] = "out of memory"
     except Exception as error:  # the reference fails on some sizes: record why and go on
         result["error"] = f"{type(error).__name__}: {str(error)[:100]}"
-    del x, grad
     module.to("meta")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -314,7 +313,7 @@ def measure_model(model: nn.Module, task: str, n: int, device: torch.device) -> 
         result.update(step_ms=step_ms, tokens_per_s=batch * n / step_ms * 1e3, peak_gb=peak_mb(step) / 1024)
     except torch.OutOfMemoryError:
         result["error"] = "out of memory"
-    del optimizer
+    optimizer.state.clear()
     model.to("meta")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -415,7 +414,13 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, to check the script runs")
+    parser.add_argument("--replot", default=None, help="only redraw --plot from this JSON file of an earlier run")
     args = parser.parse_args()
+    if args.replot:
+        with open(args.replot) as handle:
+            recorded = json.load(handle)
+        plot(recorded["layers"], recorded["header"], args.plot)
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.smoke:
@@ -425,13 +430,20 @@ def main() -> None:
     ]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     rates = machine_rates(device)
+    triton_version = importlib.metadata.version("triton") if device.type == "cuda" else "-"
     header = (
-        f"{gpu}, torch {torch.__version__}, transformers {transformers.__version__}; bf16 matmul "
+        f"{gpu}, torch {torch.__version__}, transformers {transformers.__version__}, triton {triton_version}; bf16 matmul "
         f"{rates['matmul_tflops']:.0f} TFLOP/s, copy {rates['copy_gbs']:.0f} GB/s (measured)"
     )
     print(header, flush=True)
 
-    layers = []
+    layers, models, profiles = [], [], []
+
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(dict(header=header, rates=rates, layers=layers, models=models, profiles=profiles), handle, indent=1)
+
     print(f"\nlayers: batch {BATCH}, width {DIM}; ms per call; x = dense time / ours (ref: reference / ours)")
     print(f"{'layer':20s} {'n':>7s} {'impl':9s} {'fwd ms':>9s} {'f+b ms':>9s} {'peak MB':>9s} {'x f+b':>7s} {'floor f+b':>10s}")
     for kind in kinds:
@@ -447,6 +459,7 @@ def main() -> None:
                 if impl == "ours":
                     row["floor_fwd_ms"], row["floor_fwd_bwd_ms"] = floor_ms(kind, n, rates, False), floor
                 layers.append(row)
+                save()
                 if "error" in row:
                     print(f"{kind:20s} {n:7d} {impl:9s} {row['error']}", flush=True)
                     continue
@@ -459,7 +472,6 @@ def main() -> None:
                     flush=True,
                 )
 
-    models = []
     print("\nmodels: training step (forward, backward, AdamW), autocast bf16; x = baseline time / ours")
     print(f"{'task':8s} {'n':>7s} {'model':6s} {'batch':>5s} {'params M':>8s} {'tokens/s':>10s} {'peak GB':>8s} {'x':>6s}")
     for task in ("causal", "encoder"):
@@ -470,6 +482,7 @@ def main() -> None:
             for name, row in results.items():
                 row.update(task=task, n=n, model=name)
                 models.append(row)
+                save()
                 if "error" in row:
                     print(f"{task:8s} {n:7d} {name:6s} {row['error']}", flush=True)
                     continue
@@ -481,16 +494,12 @@ def main() -> None:
                     flush=True,
                 )
 
-    profiles = []
     if args.profile:
         print(f"\nprofiles at n={args.profile} (our layers, forward+backward)")
         for kind in kinds:
             profiles.append(profile_layer(kind, args.profile, dtype, device))
+            save()
             print(profiles[-1], flush=True)
-
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(dict(header=header, rates=rates, layers=layers, models=models, profiles=profiles), handle, indent=1)
     if args.plot:
         plot(layers, header, args.plot)
 

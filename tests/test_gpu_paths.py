@@ -1,0 +1,58 @@
+"""The layers' GPU fast paths (FlexAttention for the light branch, SDPA's flash kernel for the unmasked encoder heavy
+branch) against the paths they take otherwise: whole layers, outputs and every gradient, with the FlexAttention path
+on and off (same device, same float32 routing). tests/test_sliding_window.py compares the kernels themselves.
+"""
+
+import pytest
+import torch
+
+from colt5 import CausalRoutedAttention, CausalRoutedTransformerBlock, ConditionalRoutedAttention
+from colt5 import routed_attention
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention and its backward need a GPU")
+
+
+def make_layer(kind):
+    common = dict(light_heads=2, light_dim_head=16, light_window_size=40, heavy_heads=4, heavy_dim_head=16, num_routed_kv=2)
+    if kind == "encoder attention":
+        return ConditionalRoutedAttention(64, num_heavy_tokens_q=0.25, num_heavy_tokens_kv=0.25, **common)
+    causal = dict(routed_query_fraction=0.25, memory_size=96, block_size=128, **common)
+    if kind == "causal attention":
+        return CausalRoutedAttention(64, **causal)
+    return CausalRoutedTransformerBlock(64, routed_ff_fraction=0.25, **causal)
+
+
+@gpu
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("n", [300, 1000])
+@pytest.mark.parametrize("kind", ["encoder attention", "causal attention", "causal block"])
+def test_flex_paths_match_the_fallback_paths_with_gradients(kind, n, padding, monkeypatch):
+    torch.manual_seed(n)
+    layer = make_layer(kind).cuda().eval()  # eval: the causal routers' statistics stay put between the two runs
+    x = torch.randn(2, n, 64, device="cuda")
+    mask = None
+    if padding:
+        mask = torch.ones(2, n, dtype=torch.bool, device="cuda")
+        mask[1, : n // 3] = False
+    upstream = torch.randn(2, n, 64, device="cuda")
+    if mask is not None:
+        upstream = upstream * mask.unsqueeze(-1)
+
+    def run():
+        layer.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_()
+        out = layer(inputs, mask)
+        out = out[0] if isinstance(out, tuple) else out
+        (out * upstream).sum().backward()
+        return [out.detach(), inputs.grad] + [p.grad for p in layer.parameters()]
+
+    fast = run()
+    monkeypatch.setattr(routed_attention, "FLEX_MIN_HEAD_DIM", 10**6)  # every head "too narrow": the SDPA path
+    reference = run()
+    valid = torch.ones(2, n, 1, dtype=torch.bool, device="cuda") if mask is None else mask.unsqueeze(-1)
+    torch.testing.assert_close(fast[0] * valid, reference[0] * valid, rtol=1e-4, atol=1e-5)
+    for got, expected in zip(fast[1:], reference[1:]):
+        if expected is None:
+            assert got is None
+            continue
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
