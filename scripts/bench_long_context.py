@@ -12,7 +12,8 @@ and the reference package (colt5-attention, `bench` extra) in float32, where it 
 Forward is timed under no_grad, forward+backward with a random output gradient; ms are per call, the median of
 three groups of back-to-back calls (CUDA events). Peak MB: memory allocated by one forward+backward above the
 inputs and weights. floor: the layer's matmul FLOPs at the measured bf16 matmul rate, or its input and output bytes
-at the measured copy bandwidth, whichever is larger.
+at the measured copy bandwidth, whichever is larger. graph: forward+backward replayed from a CUDA graph (encoder
+layers and dense baselines; causal layers synchronise with the host), i.e. GPU time without host overhead.
 
 Models (autocast bf16, float32 weights, AdamW steps, width 512, 8 layers, byte vocabulary of 384, batch of
 max(1, 65536 / n) sequences): CoLT5ForCausalLM vs LlamaForCausalLM (SDPA) and CoLT5Model vs BertModel (SDPA, a
@@ -215,7 +216,29 @@ def peak_mb(step: Callable[[], None]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure_layer(module: nn.Module, n: int, dtype: torch.dtype, device: torch.device) -> dict:
+def graph_replay_ms(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    """Forward+backward replayed from a CUDA graph: the layer's GPU time without Python and launch overhead (what
+    eager time would be if the host kept up). Only for layers without host synchronisation (static shapes)."""
+    x.requires_grad_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture requires
+        for _ in range(3):
+            module(x).backward(grad)
+    torch.cuda.current_stream().wait_stream(side)
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        module(x).backward(grad)
+    ms = timed(graph.replay)
+    del graph
+    return ms
+
+
+def measure_layer(
+    module: nn.Module, n: int, dtype: torch.dtype, device: torch.device, graph: bool = False
+) -> dict:
     module = module.to(device=device, dtype=dtype)
     x = torch.randn(BATCH, n, DIM, device=device, dtype=dtype)
     grad = torch.randn_like(x)
@@ -241,6 +264,11 @@ def measure_layer(module: nn.Module, n: int, dtype: torch.dtype, device: torch.d
         result["error"] = "out of memory"
     except Exception as error:  # the reference fails on some sizes: record why and go on
         result["error"] = f"{type(error).__name__}: {str(error)[:100]}"
+    if graph and device.type == "cuda" and "error" not in result:
+        try:
+            result["graph_fwd_bwd_ms"] = graph_replay_ms(module, x, grad)
+        except Exception as error:  # recorded apart: the eager numbers stand either way
+            result["graph_error"] = f"{type(error).__name__}: {str(error)[:100]}"
     module.to("meta")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -445,12 +473,17 @@ def main() -> None:
                 json.dump(dict(header=header, rates=rates, layers=layers, models=models, profiles=profiles), handle, indent=1)
 
     print(f"\nlayers: batch {BATCH}, width {DIM}; ms per call; x = dense time / ours (ref: reference / ours)")
-    print(f"{'layer':20s} {'n':>7s} {'impl':9s} {'fwd ms':>9s} {'f+b ms':>9s} {'peak MB':>9s} {'x f+b':>7s} {'floor f+b':>10s}")
+    print(
+        f"{'layer':20s} {'n':>7s} {'impl':9s} {'fwd ms':>9s} {'f+b ms':>9s} {'peak MB':>9s} {'x f+b':>7s} "
+        f"{'floor f+b':>10s} {'graph f+b':>10s} {'x graph':>8s}"
+    )
     for kind in kinds:
         for n in args.lengths:
             torch.manual_seed(n)
-            rows = {"ours": measure_layer(ours(kind, n), n, dtype, device)}
-            rows["dense"] = measure_layer(dense(kind), n, dtype, device)
+            # Causal layers synchronise with the host (data-dependent shapes): no CUDA-graph replay for them.
+            graph = not kind.startswith("causal")
+            rows = {"ours": measure_layer(ours(kind, n), n, dtype, device, graph)}
+            rows["dense"] = measure_layer(dense(kind), n, dtype, device, graph)
             if not args.no_reference and (module := reference(kind, n)) is not None:
                 rows["reference"] = measure_layer(module, n, torch.float32, device)
             floor = floor_ms(kind, n, rates, backward=True)
@@ -466,9 +499,12 @@ def main() -> None:
                 mine = rows["ours"].get("fwd_bwd_ms")
                 ratio = row["fwd_bwd_ms"] / mine if mine and impl != "ours" else float("nan")
                 floor_note = f"{mine / floor:9.1f}x" if impl == "ours" and floor == floor else ""
+                graphed, mine_graphed = row.get("graph_fwd_bwd_ms"), rows["ours"].get("graph_fwd_bwd_ms")
+                graph_note = f"{graphed:10.3f}" if graphed else ""
+                graph_ratio = f"{graphed / mine_graphed:8.2f}" if graphed and mine_graphed and impl != "ours" else ""
                 print(
                     f"{kind:20s} {n:7d} {impl:9s} {row['fwd_ms']:9.3f} {row['fwd_bwd_ms']:9.3f} {row['peak_mb']:9.0f} "
-                    f"{ratio:7.2f} {floor_note:>10s}",
+                    f"{ratio:7.2f} {floor_note:>10s} {graph_note:>10s} {graph_ratio:>8s}",
                     flush=True,
                 )
 
