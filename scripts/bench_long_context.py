@@ -413,14 +413,21 @@ def plot(layers: list[dict], header: str, path: str) -> None:
     fig, axes = plt.subplots(len(kinds), 3, figsize=(15, 3.2 * len(kinds)), squeeze=False)
     for ax_row, kind in zip(axes, kinds):
         for ax, (metric, label) in zip(ax_row, [("fwd_ms", "forward ms"), ("fwd_bwd_ms", "forward+backward ms"), ("peak_mb", "peak MB (fwd+bwd)")]):
-            for impl, style in (("ours", "o-"), ("dense", "s--"), ("reference", "^:")):
+            curves = [("ours", metric, "o-"), ("dense", metric, "s--"), ("reference", metric, "^:")]
+            if metric == "fwd_bwd_ms":
+                curves += [("ours", "graph_fwd_bwd_ms", "o-"), ("dense", "graph_fwd_bwd_ms", "s--")]
+            for impl, key, style in curves:
                 points = [
-                    (r["n"], r[metric])
+                    (r["n"], r[key])
                     for r in layers
-                    if r["kind"] == kind and r["impl"] == impl and r.get(metric, float("nan")) > 0
+                    if r["kind"] == kind and r["impl"] == impl and r.get(key, float("nan")) > 0
                 ]
                 if points:
-                    ax.plot(*zip(*points), style, label=impl)
+                    graphed = key.startswith("graph")
+                    ax.plot(
+                        *zip(*points), style, label=f"{impl}, CUDA graph" if graphed else impl,
+                        alpha=0.45 if graphed else 1.0, markerfacecolor="none" if graphed else None,
+                    )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(f"{kind}: {label}", fontsize=9)
@@ -428,7 +435,7 @@ def plot(layers: list[dict], header: str, path: str) -> None:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
     fig.suptitle(header, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=110)
 
 
