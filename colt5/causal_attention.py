@@ -249,7 +249,8 @@ class CausalRoutedAttention(TwoBranchAttention):
         # Query slots left empty (no routed token) have nothing to attend to: let them see everything, unused.
         allowed = allowed | ~allowed.any(-1, keepdim=True)
         allowed = allowed.repeat_interleave(self.heads_per_set, dim=1) if self.num_routed_kv > 1 else allowed
-        out = masked_sdpa(q, keys, values, allowed, self.dropout if self.training else 0.0)
+        # A mask that differs per query: the memory-efficient kernel's backward pass is 7x slower than cuDNN's here.
+        out = masked_sdpa(q, keys, values, allowed, self.dropout if self.training else 0.0, prefer_cudnn=True)
         return rearrange(out, "r h m e -> r m (h e)")
 
     def _heavy_full(self, x: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor, keep_state: bool):
@@ -277,9 +278,10 @@ class CausalRoutedAttention(TwoBranchAttention):
 
         gate = self.q_router(x, valid)
         routed_in_block = gate.routed.gather(1, order.flatten(1)).view_as(order) & in_block
-        # Query slots per block: a multiple of 64 (within the block), which the memory-efficient attention backward
-        # needs for its fast (sequence-aligned) kernel; the extra slots are empty.
-        num_queries = min(block, -(-int(routed_in_block.sum(-1).max()) // 64) * 64)
+        # Query slots per block: a power of two >= 64 (within the block), so that the attention below meets few
+        # shapes (cuDNN builds a graph per shape); the extra slots are empty.
+        most = int(routed_in_block.sum(-1).max())
+        num_queries = min(block, max(64, 1 << (most - 1).bit_length())) if most else 0
         heavy = x.new_zeros(batch, length, dim)
         if num_queries > 0:
             query_slot = (~routed_in_block).to(torch.int8).sort(dim=-1, stable=True).indices[..., :num_queries]
