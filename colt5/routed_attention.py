@@ -5,8 +5,9 @@
 
 Light branch: local attention (every token attends to the `light_window_size` tokens on each side) with few
 heads: on GPUs FlexAttention over the window's tiles (or, with attention dropout, one SDPA call over blocked
-windows; sliding_window.py), elsewhere the local-attention package, the reference both are tested against. Heavy branch: full attention from routed queries to routed keys/values
-with more heads; the heavy heads are split evenly among `num_routed_kv` key/value routing sets.
+windows; sliding_window.py), elsewhere the local-attention package, the reference both are tested against.
+Heavy branch: full attention from routed queries to routed keys/values with more heads; the heavy heads are split
+evenly among `num_routed_kv` key/value routing sets.
 """
 
 from __future__ import annotations

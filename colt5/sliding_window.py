@@ -26,6 +26,9 @@ from .masked_sdpa import masked_sdpa
 
 FLEX_TILE = 128  # FlexAttention's default block size: the block mask lists tiles of this many queries and keys
 FLEX_MIN_HEAD_DIM = 16  # compiled FlexAttention refuses narrower heads
+# Block sizes are multiples of this: the key span (2 or 3 blocks) is then a multiple of 16, which the
+# memory-efficient kernel wants for the last dimension of its mask (otherwise it pads the mask itself, or falls back).
+_BLOCK_MULTIPLE = 16
 
 
 @functools.cache
@@ -115,10 +118,6 @@ def flex_sliding_window_attention(
     # evaluation, generation, benchmarks); past it torch.compile would silently run the unfused implementation.
     with torch._dynamo.config.patch(recompile_limit=64):
         return _compiled_flex_attention()(q, k, v, block_mask=block_mask)[:, :, :n]
-
-# Block sizes are multiples of this: the key span (2 or 3 blocks) is then a multiple of 16, which the
-# memory-efficient kernel wants for the last dimension of its mask (otherwise it pads the mask itself, or falls back).
-_BLOCK_MULTIPLE = 16
 
 
 def sliding_window_attention(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import math
 import platform
 import statistics
 import time
@@ -102,10 +103,14 @@ def ours(kind: str, n: int) -> nn.Module:
     memory, block = memory_and_block(n)
     attention = dict(light_heads=LIGHT_HEADS, heavy_heads=HEAVY_HEADS, light_window_size=WINDOW)
     if kind == "encoder attention":
-        return ConditionalRoutedAttention(DIM, num_heavy_tokens_q=Q_FRACTION, num_heavy_tokens_kv=KV_FRACTION, **attention)
+        return ConditionalRoutedAttention(
+            DIM, num_heavy_tokens_q=Q_FRACTION, num_heavy_tokens_kv=KV_FRACTION, **attention
+        )
     if kind == "causal attention":
         return FirstOutput(
-            CausalRoutedAttention(DIM, routed_query_fraction=Q_FRACTION, memory_size=memory, block_size=block, **attention)
+            CausalRoutedAttention(
+                DIM, routed_query_fraction=Q_FRACTION, memory_size=memory, block_size=block, **attention
+            )
         )
     mlps = dict(light_hidden_dim=LIGHT_MLP_HIDDEN, heavy_hidden_dim=MLP_HIDDEN)
     if kind == "encoder feedforward":
@@ -115,13 +120,21 @@ def ours(kind: str, n: int) -> nn.Module:
     blocks = dict(light_ff_hidden_dim=LIGHT_MLP_HIDDEN, heavy_ff_hidden_dim=MLP_HIDDEN, **attention)
     if kind == "encoder block":
         return ConditionalRoutedTransformerBlock(
-            DIM, num_heavy_tokens_q=Q_FRACTION, num_heavy_tokens_kv=KV_FRACTION, num_heavy_ff_tokens=FF_FRACTION, **blocks
+            DIM,
+            num_heavy_tokens_q=Q_FRACTION,
+            num_heavy_tokens_kv=KV_FRACTION,
+            num_heavy_ff_tokens=FF_FRACTION,
+            **blocks,
         )
     if kind == "causal block":
         return FirstOutput(
             CausalRoutedTransformerBlock(
-                DIM, routed_query_fraction=Q_FRACTION, routed_ff_fraction=FF_FRACTION, memory_size=memory,
-                block_size=block, **blocks,
+                DIM,
+                routed_query_fraction=Q_FRACTION,
+                routed_ff_fraction=FF_FRACTION,
+                memory_size=memory,
+                block_size=block,
+                **blocks,
             )
         )
     raise ValueError(kind)
@@ -154,7 +167,10 @@ def reference(kind: str, n: int) -> nn.Module | None:
         return ref.ConditionalRoutedFeedForward(DIM, num_heavy_tokens=n // 16)
     if kind == "encoder block":
         return ref.ConditionalRoutedTransformerBlock(
-            DIM, num_heavy_attn_tokens_q=n // 16, num_heavy_attn_tokens_kv=n // 8, num_heavy_ff_tokens=n // 16,
+            DIM,
+            num_heavy_attn_tokens_q=n // 16,
+            num_heavy_attn_tokens_kv=n // 8,
+            num_heavy_ff_tokens=n // 16,
             **attention,
         )
     return None
@@ -236,9 +252,7 @@ def graph_replay_ms(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> f
     return ms
 
 
-def measure_layer(
-    module: nn.Module, n: int, dtype: torch.dtype, device: torch.device, graph: bool = False
-) -> dict:
+def measure_layer(module: nn.Module, n: int, dtype: torch.dtype, device: torch.device, graph: bool = False) -> dict:
     module = module.to(device=device, dtype=dtype)
     x = torch.randn(BATCH, n, DIM, device=device, dtype=dtype)
     grad = torch.randn_like(x)
@@ -298,24 +312,54 @@ def model_pair(task: str, n: int, smoke: bool) -> dict[str, nn.Module]:
     dim, layers = (64, 2) if smoke else (DIM, MODEL_LAYERS)
     memory, block = memory_and_block(n)
     colt5 = CoLT5Config(
-        vocab_size=MODEL_VOCAB, hidden_size=dim, num_hidden_layers=layers, light_num_heads=LIGHT_HEADS,
-        light_head_dim=dim // HEADS, heavy_num_heads=HEAVY_HEADS, heavy_head_dim=dim // HEADS,
-        light_window_size=WINDOW, light_intermediate_size=dim // 2, heavy_intermediate_size=4 * dim,
-        routed_kv_tokens=memory if task == "causal" else KV_FRACTION, causal_block_size=block,
-        max_position_embeddings=n, is_causal=task == "causal", use_cache=False,
+        vocab_size=MODEL_VOCAB,
+        hidden_size=dim,
+        num_hidden_layers=layers,
+        light_num_heads=LIGHT_HEADS,
+        light_head_dim=dim // HEADS,
+        heavy_num_heads=HEAVY_HEADS,
+        heavy_head_dim=dim // HEADS,
+        light_window_size=WINDOW,
+        light_intermediate_size=dim // 2,
+        heavy_intermediate_size=4 * dim,
+        routed_kv_tokens=memory if task == "causal" else KV_FRACTION,
+        causal_block_size=block,
+        max_position_embeddings=n,
+        is_causal=task == "causal",
+        use_cache=False,
     )
     if task == "causal":
         llama = LlamaConfig(
-            vocab_size=MODEL_VOCAB, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=HEADS,
-            num_key_value_heads=HEADS, intermediate_size=4 * dim, max_position_embeddings=n, tie_word_embeddings=True,
-            pad_token_id=0, eos_token_id=1, bos_token_id=None, use_cache=False,
+            vocab_size=MODEL_VOCAB,
+            hidden_size=dim,
+            num_hidden_layers=layers,
+            num_attention_heads=HEADS,
+            num_key_value_heads=HEADS,
+            intermediate_size=4 * dim,
+            max_position_embeddings=n,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=None,
+            use_cache=False,
         )
-        return {"colt5": CoLT5ForCausalLM(colt5), "llama": LlamaForCausalLM._from_config(llama, attn_implementation="sdpa")}
+        return {
+            "colt5": CoLT5ForCausalLM(colt5),
+            "llama": LlamaForCausalLM._from_config(llama, attn_implementation="sdpa"),
+        }
     bert = BertConfig(
-        vocab_size=MODEL_VOCAB, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=HEADS,
-        intermediate_size=4 * dim, max_position_embeddings=n, pad_token_id=0,
+        vocab_size=MODEL_VOCAB,
+        hidden_size=dim,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        intermediate_size=4 * dim,
+        max_position_embeddings=n,
+        pad_token_id=0,
     )
-    return {"colt5": CoLT5Model(colt5), "bert": BertModel._from_config(bert, attn_implementation="sdpa", add_pooling_layer=False)}
+    return {
+        "colt5": CoLT5Model(colt5),
+        "bert": BertModel._from_config(bert, attn_implementation="sdpa", add_pooling_layer=False),
+    }
 
 
 def measure_model(model: nn.Module, task: str, n: int, device: torch.device) -> dict:
@@ -380,8 +424,10 @@ def profile_layer(kind: str, n: int, dtype: torch.dtype, device: torch.device, t
     device_total = sum(e.self_device_time_total for e in events) / calls / 1e3
     launches = sum(e.count for e in events) / calls
     lines = [
-        f"{kind}, n={n}: profiled wall {wall:.2f} ms/call, device busy {device_total:.2f} ms/call, "
-        f"{launches:.0f} kernels/call"
+        (
+            f"{kind}, n={n}: profiled wall {wall:.2f} ms/call, device busy {device_total:.2f} ms/call, "
+            f"{launches:.0f} kernels/call"
+        )
     ]
     for event in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
         share = event.self_device_time_total / calls / 1e3
@@ -412,7 +458,9 @@ def plot(layers: list[dict], header: str, path: str) -> None:
     kinds = list(dict.fromkeys(row["kind"] for row in layers))
     fig, axes = plt.subplots(len(kinds), 3, figsize=(15, 3.2 * len(kinds)), squeeze=False)
     for ax_row, kind in zip(axes, kinds):
-        for ax, (metric, label) in zip(ax_row, [("fwd_ms", "forward ms"), ("fwd_bwd_ms", "forward+backward ms"), ("peak_mb", "peak MB (fwd+bwd)")]):
+        for ax, (metric, label) in zip(
+            ax_row, [("fwd_ms", "forward ms"), ("fwd_bwd_ms", "forward+backward ms"), ("peak_mb", "peak MB (fwd+bwd)")]
+        ):
             curves = [("ours", metric, "o-"), ("dense", metric, "s--"), ("reference", metric, "^:")]
             if metric == "fwd_bwd_ms":
                 curves += [("ours", "graph_fwd_bwd_ms", "o-"), ("dense", "graph_fwd_bwd_ms", "s--")]
@@ -425,8 +473,11 @@ def plot(layers: list[dict], header: str, path: str) -> None:
                 if points:
                     graphed = key.startswith("graph")
                     ax.plot(
-                        *zip(*points), style, label=f"{impl}, CUDA graph" if graphed else impl,
-                        alpha=0.45 if graphed else 1.0, markerfacecolor="none" if graphed else None,
+                        *zip(*points),
+                        style,
+                        label=f"{impl}, CUDA graph" if graphed else impl,
+                        alpha=0.45 if graphed else 1.0,
+                        markerfacecolor="none" if graphed else None,
                     )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -461,7 +512,12 @@ def main() -> None:
     if args.smoke:
         args.lengths, args.model_lengths = [256, 512], [256]
     kinds = args.kinds or [
-        "encoder attention", "causal attention", "encoder feedforward", "causal feedforward", "encoder block", "causal block",
+        "encoder attention",
+        "causal attention",
+        "encoder feedforward",
+        "causal feedforward",
+        "encoder block",
+        "causal block",
     ]
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     rates = machine_rates(device)
@@ -477,7 +533,9 @@ def main() -> None:
     def save() -> None:  # after every row: a run cut short keeps what it measured
         if args.json:
             with open(args.json, "w") as handle:
-                json.dump(dict(header=header, rates=rates, layers=layers, models=models, profiles=profiles), handle, indent=1)
+                json.dump(
+                    dict(header=header, rates=rates, layers=layers, models=models, profiles=profiles), handle, indent=1
+                )
 
     print(f"\nlayers: batch {BATCH}, width {DIM}; ms per call; x = dense time / ours (ref: reference / ours)")
     print(
@@ -505,7 +563,7 @@ def main() -> None:
                     continue
                 mine = rows["ours"].get("fwd_bwd_ms")
                 ratio = row["fwd_bwd_ms"] / mine if mine and impl != "ours" else float("nan")
-                floor_note = f"{mine / floor:9.1f}x" if impl == "ours" and floor == floor else ""
+                floor_note = f"{mine / floor:9.1f}x" if impl == "ours" and math.isfinite(floor) else ""
                 graphed, mine_graphed = row.get("graph_fwd_bwd_ms"), rows["ours"].get("graph_fwd_bwd_ms")
                 graph_note = f"{graphed:10.3f}" if graphed else ""
                 graph_ratio = f"{graphed / mine_graphed:8.2f}" if graphed and mine_graphed and impl != "ours" else ""
@@ -516,7 +574,9 @@ def main() -> None:
                 )
 
     print("\nmodels: training step (forward, backward, AdamW), autocast bf16; x = baseline time / ours")
-    print(f"{'task':8s} {'n':>7s} {'model':6s} {'batch':>5s} {'params M':>8s} {'tokens/s':>10s} {'peak GB':>8s} {'x':>6s}")
+    print(
+        f"{'task':8s} {'n':>7s} {'model':6s} {'batch':>5s} {'params M':>8s} {'tokens/s':>10s} {'peak GB':>8s} {'x':>6s}"
+    )
     for task in ("causal", "encoder"):
         for n in args.model_lengths:
             torch.manual_seed(0)

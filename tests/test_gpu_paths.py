@@ -6,14 +6,21 @@ on and off (same device, same float32 routing). tests/test_sliding_window.py com
 import pytest
 import torch
 
-from colt5 import CausalRoutedAttention, CausalRoutedTransformerBlock, ConditionalRoutedAttention
-from colt5 import causal_attention, routed_attention
+from colt5 import (
+    CausalRoutedAttention,
+    CausalRoutedTransformerBlock,
+    ConditionalRoutedAttention,
+    causal_attention,
+    routed_attention,
+)
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention and its backward need a GPU")
 
 
 def make_layer(kind):
-    common = dict(light_heads=2, light_dim_head=16, light_window_size=40, heavy_heads=4, heavy_dim_head=16, num_routed_kv=2)
+    common = dict(
+        light_heads=2, light_dim_head=16, light_window_size=40, heavy_heads=4, heavy_dim_head=16, num_routed_kv=2
+    )
     if kind == "encoder attention":
         return ConditionalRoutedAttention(64, num_heavy_tokens_q=0.25, num_heavy_tokens_kv=0.25, **common)
     causal = dict(routed_query_fraction=0.25, memory_size=96, block_size=128, **common)

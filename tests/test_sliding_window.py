@@ -79,7 +79,7 @@ def test_gradients_match_local_attention(n, window, causal, mask_kind):
     grads = torch.autograd.grad(sliding_window_attention(*inputs, valid, window, causal), inputs, grad_out)
     expected = torch.autograd.grad(reference(*inputs, valid, window, causal), inputs, grad_out)
     for name, grad, ref in zip("qkv", grads, expected):
-        torch.testing.assert_close(grad, ref, rtol=0, atol=1e-10, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(grad, ref, rtol=0, atol=1e-10, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def test_non_contiguous_inputs():
@@ -183,7 +183,9 @@ def test_rejects_window_below_one():
 
 # ------------------------------------------------------------------------------------------------ FlexAttention
 # Eager FlexAttention (CPU) has no backward pass: gradients are compared on GPUs, where the layers use it compiled.
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward and compiled kernel need a GPU")
+gpu = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="FlexAttention's backward and compiled kernel need a GPU"
+)
 
 
 @pytest.mark.parametrize("causal", [False, True])
