@@ -42,13 +42,18 @@ def _compiled_flex_attention():
 
 
 def window_block_mask(
-    length: int, window: int, causal: bool, valid: torch.Tensor | None, device: torch.device
+    length: int,
+    window: int,
+    causal: bool,
+    valid: torch.Tensor | None,
+    device: torch.device,
+    valid_length: int | None = None,
 ) -> BlockMask:
     """FlexAttention block mask of a sliding window over `length` positions (a multiple of FLEX_TILE).
 
     Query tile i visits key tiles i - r .. i + r (causal: .. i), r = ceil(window / FLEX_TILE); the mask function
     then decides per position: |i - j| <= window (causal: 0 <= i - j <= window) and, with `valid` `(batch,
-    length)`, key j not padding.
+    length)`, key j not padding, or, with `valid_length`, j < valid_length (every sample).
     """
     tiles, reach = length // FLEX_TILE, math.ceil(window / FLEX_TILE)
     offsets = torch.arange(-reach, (0 if causal else reach) + 1, device=device)
@@ -69,19 +74,29 @@ def window_block_mask(
     def window_and_padding_mask(b, h, q_idx, kv_idx):
         return window_mask(b, h, q_idx, kv_idx) & valid[b, kv_idx]
 
+    def window_and_length_mask(b, h, q_idx, kv_idx):
+        return window_mask(b, h, q_idx, kv_idx) & (kv_idx < end)
+
+    mask_mod = window_mask
+    if valid is not None:
+        mask_mod = window_and_padding_mask
+    elif valid_length is not None and valid_length < length:
+        end = torch.tensor(valid_length, device=device)
+        mask_mod = window_and_length_mask
     return BlockMask.from_kv_blocks(
         kv_num_blocks[None, None],
         kv_indices[None, None],
         BLOCK_SIZE=FLEX_TILE,
-        mask_mod=window_mask if valid is None else window_and_padding_mask,
+        mask_mod=mask_mod,
         seq_lengths=(length, length),
     )
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_window_block_mask(length: int, window: int, causal: bool, device: torch.device) -> BlockMask:
-    # Without padding the mask depends on the length only: build it once (training repeats one length).
-    return window_block_mask(length, window, causal, None, device)
+def _unpadded_window_block_mask(length: int, window: int, causal: bool, device: torch.device) -> BlockMask:
+    """The block mask of `length` valid tokens padded to whole tiles (the tail masked): it depends on the length
+    only, so it is built once (training repeats one length)."""
+    return window_block_mask(length + (-length % FLEX_TILE), window, causal, None, device, valid_length=length)
 
 
 def flex_sliding_window_attention(
@@ -100,18 +115,15 @@ def flex_sliding_window_attention(
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    batch, _, n, _ = q.shape
+    n = q.shape[2]
     # Whole tiles: the mask function then never indexes `valid` past its end, and fewer shapes get compiled.
     tail = -n % FLEX_TILE
     q, k, v = (F.pad(t, (0, 0, 0, tail)) for t in (q, k, v))
-    if valid is not None:
+    if valid is None:
+        block_mask = _unpadded_window_block_mask(n, window, causal, q.device)
+    else:
         valid = F.pad(valid.bool(), (0, tail), value=False)
         block_mask = window_block_mask(n + tail, window, causal, valid, q.device)
-    elif tail:
-        valid = torch.arange(n + tail, device=q.device).expand(batch, -1) < n
-        block_mask = window_block_mask(n + tail, window, causal, valid, q.device)
-    else:
-        block_mask = _cached_window_block_mask(n, window, causal, q.device)
     if not q.is_cuda:
         return flex_attention(q, k, v, block_mask=block_mask)[:, :, :n]
     # The limit counts variants of the mask function, grad mode and autocast state in one process (training,
