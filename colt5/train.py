@@ -76,14 +76,19 @@ PRESETS = {
 }
 
 
+def causal_memory_and_block(seq_len: int) -> tuple[int, int]:
+    """Causal routing for `seq_len`-token sequences: a key/value memory of seq_len / 8 tokens (at least 64)
+    re-chosen every seq_len / 8 tokens (64 to 1024)."""
+    memory = max(seq_len // 8, 64)
+    return memory, min(memory, 1024)
+
+
 def preset_config(preset: str, seq_len: int) -> dict:
-    """CoLT5Config settings of a preset for `seq_len`-token sequences. Causal models route a key/value memory of
-    seq_len / 8 tokens (at least 64) re-chosen every seq_len / 8 tokens (64 to 1024)."""
+    """CoLT5Config settings of a preset for `seq_len`-token sequences (causal routing: `causal_memory_and_block`)."""
     if preset not in PRESETS:
         raise ValueError(f"Unknown --preset {preset!r}: choose one of {sorted(PRESETS)}.")
-    memory = max(seq_len // 8, 64)
-    return dict(PRESETS[preset], routed_kv_tokens=memory, causal_block_size=min(memory, 1024),
-                max_position_embeddings=seq_len)
+    memory, block = causal_memory_and_block(seq_len)
+    return dict(PRESETS[preset], routed_kv_tokens=memory, causal_block_size=block, max_position_embeddings=seq_len)
 
 
 def parse_config_overrides(pairs: list[str]) -> dict:

@@ -10,10 +10,11 @@ min(n/8, 1024) tokens):
 - encoder block / causal block: pre-norm block of the two vs a pre-norm dense block
 and the reference package (colt5-attention, `bench` extra) in float32, where it runs: it fails under bf16.
 Forward is timed under no_grad, forward+backward with a random output gradient; ms are per call, the median of
-three groups of back-to-back calls (CUDA events). Peak MB: memory allocated by one forward+backward above the
-inputs and weights. floor: the layer's matmul FLOPs at the measured bf16 matmul rate, or its input and output bytes
-at the measured copy bandwidth, whichever is larger. graph: forward+backward replayed from a CUDA graph (encoder
-layers and dense baselines; causal layers synchronise with the host), i.e. GPU time without host overhead.
+three groups of back-to-back calls (wall clock with the device synchronised). Peak MB: memory allocated by one
+forward+backward above the inputs and weights. floor: the layer's matmul FLOPs at the measured bf16 matmul rate,
+or its input and output bytes at the measured copy bandwidth, whichever is larger. graph: forward+backward replayed
+from a CUDA graph (encoder layers and dense baselines; causal layers synchronise with the host), i.e. GPU time
+without host overhead.
 
 Models (autocast bf16, float32 weights, AdamW steps, width 512, 8 layers, byte vocabulary of 384, batch of
 max(1, 65536 / n) sequences): CoLT5ForCausalLM vs LlamaForCausalLM (SDPA) and CoLT5Model vs BertModel (SDPA, a
@@ -46,18 +47,13 @@ from colt5.causal_attention import CausalRoutedAttention
 from colt5.routed_attention import ConditionalRoutedAttention
 from colt5.routed_block import CausalRoutedTransformerBlock, ConditionalRoutedTransformerBlock
 from colt5.routed_feedforward import CausalRoutedFeedForward, ConditionalRoutedFeedForward, GatedMLP
+from colt5.train import causal_memory_and_block
 
 DIM, HEADS, HEAD_DIM, BATCH = 512, 8, 64, 2
 LIGHT_HEADS, HEAVY_HEADS, WINDOW = 4, 8, 127
 MLP_HIDDEN, LIGHT_MLP_HIDDEN = 4 * DIM, DIM // 2
 Q_FRACTION, KV_FRACTION, FF_FRACTION = 1 / 16, 1 / 8, 1 / 16
 MODEL_LAYERS, MODEL_VOCAB, MODEL_TOKENS_PER_STEP = 8, 384, 65536
-
-
-def memory_and_block(n: int) -> tuple[int, int]:
-    """The causal layer's routed memory and block size at length n (colt5-train's presets do the same)."""
-    memory = max(n // 8, 64)
-    return memory, min(memory, 1024)
 
 
 # ------------------------------------------------------------------------------------------------ dense baselines
@@ -100,7 +96,7 @@ class FirstOutput(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ layers
 def ours(kind: str, n: int) -> nn.Module:
-    memory, block = memory_and_block(n)
+    memory, block = causal_memory_and_block(n)
     attention = dict(light_heads=LIGHT_HEADS, heavy_heads=HEAVY_HEADS, light_window_size=WINDOW)
     if kind == "encoder attention":
         return ConditionalRoutedAttention(
@@ -155,7 +151,7 @@ def reference(kind: str, n: int) -> nn.Module | None:
         import colt5_attention as ref
     except ImportError:
         return None
-    _, block = memory_and_block(n)
+    _, block = causal_memory_and_block(n)
     attention = dict(light_heads=LIGHT_HEADS, heavy_heads=HEAVY_HEADS, light_window_size=WINDOW + 1)
     if kind == "encoder attention":
         return ref.ConditionalRoutedAttention(DIM, num_heavy_tokens_q=n // 16, num_heavy_tokens_kv=n // 8, **attention)
@@ -176,22 +172,21 @@ def reference(kind: str, n: int) -> nn.Module | None:
     return None
 
 
-def matmul_flops(kind: str, n: int, routed: bool) -> float:
-    """Forward matmul FLOPs per sample (x3 for forward+backward): the arithmetic a perfect kernel still does."""
+def matmul_flops(kind: str, n: int) -> float:
+    """Forward matmul FLOPs per sample of our layer (x3 for forward+backward): the arithmetic a perfect kernel
+    still does."""
     causal = kind.startswith("causal")
     attention_flops = mlp_flops = 0.0
     if not kind.endswith("feedforward"):
-        if routed:
-            q, kv = n * Q_FRACTION, (memory_and_block(n)[0] + memory_and_block(n)[1] / 2 if causal else n * KV_FRACTION)
-            light, heavy = LIGHT_HEADS * HEAD_DIM, HEAVY_HEADS * HEAD_DIM
-            window = (WINDOW + 1) if causal else (2 * WINDOW + 1)
-            attention_flops = 2 * n * DIM * 4 * light + 4 * n * window * light  # light projections and attention
-            attention_flops += 2 * q * DIM * 2 * heavy + 2 * (n if causal else kv) * DIM * 2 * heavy
-            attention_flops += 4 * q * kv * heavy
-        else:
-            attention_flops = 2 * n * DIM * 4 * HEADS * HEAD_DIM + 4 * n * n * HEADS * HEAD_DIM * (0.5 if causal else 1)
+        memory, block = causal_memory_and_block(n)
+        q, kv = n * Q_FRACTION, (memory + block / 2 if causal else n * KV_FRACTION)
+        light, heavy = LIGHT_HEADS * HEAD_DIM, HEAVY_HEADS * HEAD_DIM
+        window = (WINDOW + 1) if causal else (2 * WINDOW + 1)
+        attention_flops = 2 * n * DIM * 4 * light + 4 * n * window * light  # light projections and attention
+        attention_flops += 2 * q * DIM * 2 * heavy + 2 * (n if causal else kv) * DIM * 2 * heavy
+        attention_flops += 4 * q * kv * heavy
     if not kind.endswith("attention"):
-        mlp_flops = 6 * n * DIM * (LIGHT_MLP_HIDDEN + FF_FRACTION * MLP_HIDDEN if routed else MLP_HIDDEN)
+        mlp_flops = 6 * n * DIM * (LIGHT_MLP_HIDDEN + FF_FRACTION * MLP_HIDDEN)
     return attention_flops + mlp_flops
 
 
@@ -302,7 +297,7 @@ def machine_rates(device: torch.device) -> dict:
 
 
 def floor_ms(kind: str, n: int, rates: dict, backward: bool) -> float:
-    flops = BATCH * matmul_flops(kind, n, routed=True) * (3 if backward else 1)
+    flops = BATCH * matmul_flops(kind, n) * (3 if backward else 1)
     bytes_moved = BATCH * n * DIM * 2 * (2 if not backward else 4)  # x in, y out (and their gradients)
     return max(flops / (rates["matmul_tflops"] * 1e9), bytes_moved / (rates["copy_gbs"] * 1e6))
 
@@ -310,7 +305,7 @@ def floor_ms(kind: str, n: int, rates: dict, backward: bool) -> float:
 # ------------------------------------------------------------------------------------------------ models
 def model_pair(task: str, n: int, smoke: bool) -> dict[str, nn.Module]:
     dim, layers = (64, 2) if smoke else (DIM, MODEL_LAYERS)
-    memory, block = memory_and_block(n)
+    memory, block = causal_memory_and_block(n)
     colt5 = CoLT5Config(
         vocab_size=MODEL_VOCAB,
         hidden_size=dim,
