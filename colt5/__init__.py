@@ -10,6 +10,8 @@ from .cache_colt5 import CoLT5Cache
 from .causal_attention import CausalAttentionState, CausalRoutedAttention
 from .causal_router import ThresholdRouter, route_block_memory
 from .configuration_colt5 import CoLT5Config
+from .cross_attention import ConditionalRoutedCrossAttention
+from .image_attention import ConditionalRoutedImageAttention
 from .modeling_colt5 import CoLT5ForCausalLM, CoLT5ForSequenceClassification, CoLT5Model, CoLT5PreTrainedModel
 from .routed_attention import ConditionalRoutedAttention
 from .routed_block import CausalRoutedTransformerBlock, ConditionalRoutedTransformerBlock
@@ -36,6 +38,8 @@ __all__ = [
     "CausalRoutedFeedForward",
     "CausalRoutedTransformerBlock",
     "ConditionalRoutedAttention",
+    "ConditionalRoutedCrossAttention",
+    "ConditionalRoutedImageAttention",
     "ConditionalRoutedFeedForward",
     "ConditionalRoutedTransformerBlock",
     "CoordinateDescentRouter",

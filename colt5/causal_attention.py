@@ -102,7 +102,8 @@ class CausalRoutedAttention(TwoBranchAttention):
         rotary_theta: rotary base (positions from `position_ids` in both branches).
         dropout: attention-probability dropout.
         router_kwargs: soft top-k settings (fetch_ratio, eps, n_iters, eps_schedule, straight_through) for the
-            memory routing; the query router uses fetch_ratio, eps and straight_through.
+            memory routing; the query router uses fetch_ratio, eps and straight_through. `random_routing` (both
+            routers score at random, an ablation control; see `TokenScorer`).
         router_momentum: moving-average weight of the query router's statistics.
     """
 
@@ -148,6 +149,7 @@ class CausalRoutedAttention(TwoBranchAttention):
         router_kwargs = dict(router_kwargs or {})
         if router_kwargs.pop("route_block_size", None) is not None:
             raise ValueError("route_block_size does not apply to causal attention: its memory is routed per block.")
+        random_routing = router_kwargs.pop("random_routing", False)
         self.memory_route_kwargs = router_kwargs
         self.memory_size, self.block_size = memory_size, block_size
         self.q_router = ThresholdRouter(
@@ -157,8 +159,9 @@ class CausalRoutedAttention(TwoBranchAttention):
             eps=router_kwargs.get("eps", 1.0),
             straight_through=router_kwargs.get("straight_through", False),
             momentum=router_momentum,
+            random_routing=random_routing,
         )
-        self.kv_router = TokenScorer(dim, num_routed_kv, batch_invariant=True)
+        self.kv_router = TokenScorer(dim, num_routed_kv, batch_invariant=True, random_routing=random_routing)
 
     def forward(
         self,

@@ -73,6 +73,7 @@ class ThresholdRouter(TokenScorer):
         fetch_ratio, eps: soft top-k settings used for the weights.
         straight_through: weights are 1 in the forward pass and carry the gradient of the soft weight backward.
         momentum: weight of each training batch in the moving averages of threshold and shift.
+        random_routing: route by random scores, an ablation control (see `TokenScorer`).
     """
 
     def __init__(
@@ -84,8 +85,9 @@ class ThresholdRouter(TokenScorer):
         eps: float = 1.0,
         straight_through: bool = False,
         momentum: float = 0.05,
+        random_routing: bool = False,
     ):
-        super().__init__(dim, 1, batch_invariant=True)
+        super().__init__(dim, 1, batch_invariant=True, random_routing=random_routing)
         if isinstance(fraction, bool) or not isinstance(fraction, float) or not 0 < fraction <= 1:
             raise ValueError(
                 f"A causal router routes a fraction of the tokens, a float in (0, 1]; got {fraction!r}."

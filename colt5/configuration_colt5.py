@@ -54,6 +54,8 @@ class CoLT5Config(PreTrainedConfig):
         route_block_size: route evenly over blocks of this many tokens (None: over the whole sequence).
         router_backend: "auto" (Triton kernels for CUDA tensors, PyTorch otherwise; the environment variable
             COLT5_ROUTER_BACKEND=torch overrides it), "torch" (always PyTorch, e.g. for comparison) or "triton".
+        random_routing: every router scores tokens at random instead of by content (fresh standard-normal draws
+            on every call): an ablation control for learned routing, not for use.
         multiply_keys_by_score: scale routed keys by their router weight (values always are).
         multiply_queries_by_score: scale routed queries by their router weight (outputs always are).
         learned_unrouted_query_output: a learned heavy-attention output for queries that were not routed.
@@ -104,6 +106,7 @@ class CoLT5Config(PreTrainedConfig):
     router_straight_through: bool = False
     route_block_size: int | None = None
     router_backend: str = "auto"
+    random_routing: bool = False
     multiply_keys_by_score: bool = True
     multiply_queries_by_score: bool = False
     learned_unrouted_query_output: bool = False
@@ -232,6 +235,7 @@ class CoLT5Config(PreTrainedConfig):
             straight_through=self.router_straight_through,
             route_block_size=self.route_block_size,
             backend=self.router_backend,
+            random_routing=self.random_routing,
         )
 
 

@@ -3,7 +3,8 @@
 
 Routed tokens are gathered out of order, so both attention branches rotate queries and keys by each token's
 absolute position (not its index in a window or in the routed set); the dot product then depends only on the
-distance between the two tokens.
+distance between the two tokens. Positions with several axes (the row and column of a pixel) rotate separate
+frequency bands, one per axis, so the dot product depends on the offset along each axis.
 """
 
 from __future__ import annotations
@@ -16,26 +17,36 @@ class RotaryEmbedding(nn.Module):
     """Cos/sin tables for arbitrary position tensors. The frequencies are a plain attribute, not a buffer, so that
     meta-device loading has nothing to re-create; they are recomputed when the device changes."""
 
-    def __init__(self, head_dim: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, theta: float = 10000.0, axes: int = 1):
         super().__init__()
-        if head_dim % 2:
-            raise ValueError(f"rotary embeddings need an even head dimension, got {head_dim}.")
+        if head_dim % (2 * axes):
+            raise ValueError(
+                f"rotary embeddings over {axes} position axes need a head dimension divisible by {2 * axes} (a pair "
+                f"of features per frequency, the same number of frequencies per axis), got {head_dim}."
+            )
         self.head_dim = head_dim
         self.theta = theta
+        self.axes = axes
         self._inv_freq: torch.Tensor | None = None
 
     def _frequencies(self, device: torch.device) -> torch.Tensor:
         # Cached because decoding calls this once per token and layer; meta tensors are never cached.
         if self._inv_freq is None or self._inv_freq.device != device:
-            exponents = torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim
+            band = self.head_dim // self.axes
+            exponents = torch.arange(0, band, 2, device=device, dtype=torch.float32) / band
             self._inv_freq = self.theta**-exponents
         return self._inv_freq
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(...)` integer positions -> cos, sin of shape `(..., head_dim)` in `dtype` (computed in float32)."""
+        """Integer positions, `(...)` for one axis or `(..., axes)`, -> cos, sin of shape `(..., head_dim)` in `dtype`
+        (computed in float32)."""
         inv_freq = self._frequencies(positions.device)
+        if self.axes == 1:
+            positions = positions.unsqueeze(-1)
+        elif positions.shape[-1] != self.axes:
+            raise ValueError(f"expected positions of shape (..., {self.axes}), got {tuple(positions.shape)}.")
         with torch.autocast(device_type=positions.device.type, enabled=False):
-            angles = positions.float().unsqueeze(-1) * inv_freq
+            angles = (positions.float().unsqueeze(-1) * inv_freq).flatten(-2)
             angles = torch.cat((angles, angles), dim=-1)
             return angles.cos().to(dtype), angles.sin().to(dtype)
 

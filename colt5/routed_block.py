@@ -111,7 +111,8 @@ class CausalRoutedTransformerBlock(_PreNormResidualBlock):
         norm_eps: RMSNorm epsilon.
         dropout: dropout on each branch's output before the residual add.
         attention_dropout: attention-probability dropout.
-        router_kwargs: soft top-k settings (fetch_ratio, eps, n_iters, eps_schedule, straight_through).
+        router_kwargs: soft top-k settings (fetch_ratio, eps, n_iters, eps_schedule, straight_through) and
+            random_routing.
         router_momentum: moving-average weight of the per-token routers' statistics.
         **attention_kwargs: the rest of `CausalRoutedAttention`'s settings (heads, window, routing options).
     """
@@ -152,7 +153,7 @@ class CausalRoutedTransformerBlock(_PreNormResidualBlock):
             heavy_hidden_dim=heavy_ff_hidden_dim,
             activation=activation,
             router_kwargs={
-                **{key: router_kwargs[key] for key in ("fetch_ratio", "eps", "straight_through") if key in router_kwargs},
+                **{key: router_kwargs[key] for key in ("fetch_ratio", "eps", "straight_through", "random_routing") if key in router_kwargs},
                 "momentum": router_momentum,
             },
         )

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .causal_router import ThresholdRouter
-from .router import CoordinateDescentRouter, gather_tokens, scatter_tokens
+from .router import CoordinateDescentRouter, gather_tokens, scatter_tokens, validate_amount
 
 
 class GatedMLP(nn.Module):
@@ -43,7 +43,7 @@ class ConditionalRoutedFeedForward(nn.Module):
         num_heavy_tokens: tokens routed to the heavy MLP, int count or float fraction in (0, 1].
         light_hidden_dim, heavy_hidden_dim: MLP widths (default dim / 2 and 4 * dim, the paper's ratios).
         activation: the MLPs' activation (default tanh-approximated GELU).
-        router_kwargs: settings of the `CoordinateDescentRouter` (fetch_ratio, eps, n_iters, ...).
+        router_kwargs: settings of the `CoordinateDescentRouter` (fetch_ratio, eps, n_iters, ..., random_routing).
     """
 
     def __init__(
@@ -57,6 +57,7 @@ class ConditionalRoutedFeedForward(nn.Module):
         router_kwargs: dict[str, Any] | None = None,
     ):
         super().__init__()
+        validate_amount("num_heavy_tokens", num_heavy_tokens)
         self.num_heavy_tokens = num_heavy_tokens
         self.light_mlp = GatedMLP(dim, light_hidden_dim or dim // 2, activation)
         self.heavy_mlp = GatedMLP(dim, heavy_hidden_dim or 4 * dim, activation)
@@ -79,7 +80,7 @@ class CausalRoutedFeedForward(nn.Module):
         fraction: target share of tokens routed to the heavy MLP, in (0, 1].
         light_hidden_dim, heavy_hidden_dim: MLP widths (default dim / 2 and 4 * dim).
         activation: the MLPs' activation (default tanh-approximated GELU).
-        router_kwargs: `ThresholdRouter` settings (fetch_ratio, eps, straight_through, momentum).
+        router_kwargs: `ThresholdRouter` settings (fetch_ratio, eps, straight_through, momentum, random_routing).
     """
 
     def __init__(

@@ -183,12 +183,19 @@ class TokenScorer(nn.Module):
 
     Scores are computed in float32 (float64 inputs stay float64), also under autocast, since the soft top-k
     needs the precision.
+
+    With `random_routing` the scores are fresh standard-normal draws on every call instead, which say nothing
+    about the tokens: an ablation control for learned routing. Draws follow torch's random number generator
+    (`torch.manual_seed` makes them repeatable, and activation checkpointing replays them), and keep the spread
+    of scores at initialisation, so routed amounts and the causal routers' thresholds mean the same as with
+    learned scores. The routing vectors then get no gradient.
     """
 
-    def __init__(self, dim: int, num_sets: int = 1, *, batch_invariant: bool = False):
+    def __init__(self, dim: int, num_sets: int = 1, *, batch_invariant: bool = False, random_routing: bool = False):
         super().__init__()
         self.routing_vectors = nn.Parameter(torch.randn(num_sets, dim) * dim**-0.5)
         self.batch_invariant = batch_invariant
+        self.random_routing = random_routing
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """`(batch, n, dim)` tokens -> `(batch, sets, n)` scores.
@@ -197,6 +204,10 @@ class TokenScorer(nn.Module):
         whether it is scored alone (decoding) or with others (a full forward pass, whose matmul sums in another
         order), which keeps ties between equal tokens broken alike in both.
         """
+        if self.random_routing:
+            batch, length, _ = x.shape
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            return torch.randn(batch, self.routing_vectors.shape[0], length, device=x.device, dtype=dtype)
         dtype = torch.float64 if x.dtype == torch.float64 or self.batch_invariant else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):
             scores = (x.to(dtype) @ self.routing_vectors.to(dtype).T).transpose(1, 2)
@@ -204,7 +215,11 @@ class TokenScorer(nn.Module):
 
 
 class CoordinateDescentRouter(TokenScorer):
-    """Scores tokens with `num_sets` learned vectors and routes each set's top tokens (CoLT5 section 3.1)."""
+    """Scores tokens with `num_sets` learned vectors and routes each set's top tokens (CoLT5 section 3.1).
+
+    Keyword arguments are those of `route` (fetch_ratio, eps, n_iters, eps_schedule, straight_through,
+    route_block_size, backend) and `random_routing` (see `TokenScorer`).
+    """
 
     def __init__(
         self,
@@ -218,8 +233,9 @@ class CoordinateDescentRouter(TokenScorer):
         straight_through: bool = False,
         route_block_size: int | None = None,
         backend: str = "auto",
+        random_routing: bool = False,
     ):
-        super().__init__(dim, num_sets)
+        super().__init__(dim, num_sets, random_routing=random_routing)
         if fetch_ratio < 1:
             raise ValueError(f"fetch_ratio must be >= 1, got {fetch_ratio}.")
         self.route_kwargs = dict(
