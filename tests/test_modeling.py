@@ -143,7 +143,7 @@ def test_config_accepts_valid_router_settings(tiny_config):
                          num_kv_routing_sets=2, router_straight_through=True, router_backend="torch")
     assert config.router_kwargs() == dict(
         fetch_ratio=9 / 8, eps=0.1, n_iters=4, eps_schedule=[8.0, 0.5], straight_through=True, route_block_size=16,
-        backend="torch",
+        backend="torch", random_routing=False,
     )
 
 
