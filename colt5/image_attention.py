@@ -103,7 +103,7 @@ class ConditionalRoutedImageAttention(RoutedAttentionBase):
         self._check_inputs(x, mask)
         if self.channels_first:
             x = rearrange(x, "b c y x -> b y x c")
-        batch, height, width, _ = x.shape
+        height, width = x.shape[1:3]
         rows = torch.arange(height, device=x.device)
         cols = torch.arange(width, device=x.device)
         positions = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)  # (height, width, 2)

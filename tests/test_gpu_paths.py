@@ -1,7 +1,10 @@
 """The layers' GPU fast paths (FlexAttention for the light branch, SDPA's flash kernel for the unmasked encoder heavy
 branch) against the paths they take otherwise: whole layers, outputs and every gradient, with the FlexAttention path
-on and off (same device, same float32 routing). tests/test_sliding_window.py compares the kernels themselves.
+on and off (same device, same float32 routing); the cross and image attention on CUDA against float64 on the CPU.
+tests/test_sliding_window.py compares the kernels themselves.
 """
+
+import copy
 
 import pytest
 import torch
@@ -10,6 +13,8 @@ from colt5 import (
     CausalRoutedAttention,
     CausalRoutedTransformerBlock,
     ConditionalRoutedAttention,
+    ConditionalRoutedCrossAttention,
+    ConditionalRoutedImageAttention,
     causal_attention,
     routed_attention,
 )
@@ -89,3 +94,43 @@ def test_causal_heavy_attention_on_cudnn_matches_the_memory_efficient_kernel(n, 
     for got, expected in zip(with_cudnn, without):
         error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
         assert error < 2e-2, error
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["cross", "image"])
+@pytest.mark.parametrize("padding", [False, True])
+def test_cross_and_image_attention_on_cuda_match_float64_on_cpu(kind, padding):
+    """The GPU paths (Triton router, flash or memory-efficient SDPA, float32) against the same layer in float64 on
+    the CPU (PyTorch router): outputs and every gradient."""
+    torch.manual_seed(7)
+    if kind == "cross":
+        layer = ConditionalRoutedCrossAttention(
+            64, num_heavy_tokens_q=0.5, num_heavy_tokens_kv=700, heads=4, dim_head=16, num_routed_kv=2,
+            route_block_size=3000, learned_unrouted_output=True,
+        )
+        inputs = [torch.randn(2, 100, 64), torch.randn(2, 20000, 64)]
+        masks = [None, torch.arange(20000)[None, :] < torch.tensor([[20000], [9000]])] if padding else [None, None]
+    else:
+        layer = ConditionalRoutedImageAttention(
+            64, num_heavy_tokens_q=1 / 16, num_heavy_tokens_kv=1 / 8, window_size=8, light_heads=2, light_dim_head=16,
+            heavy_heads=4, heavy_dim_head=16, num_routed_kv=2, learned_unrouted_output=True,
+        )
+        inputs = [torch.randn(2, 64, 60, 70)]
+        masks = [torch.rand(2, 60, 70) > 0.2] if padding else [None]
+    with torch.no_grad():
+        layer.unrouted_output.normal_()
+    upstream = torch.randn_like(layer(*inputs))
+
+    def run(device, dtype):
+        module = copy.deepcopy(layer).to(device=device, dtype=dtype)
+        leaves = [t.detach().to(device=device, dtype=dtype).requires_grad_() for t in inputs]
+        args = [*leaves, *[None if m is None else m.to(device) for m in masks]]
+        out = module(*args)
+        (out * upstream.to(device=device, dtype=dtype)).sum().backward()
+        return [out] + [leaf.grad for leaf in leaves] + [p.grad for p in module.parameters()]
+
+    gpu_results = run("cuda", torch.float32)
+    cpu_results = run("cpu", torch.float64)
+    for got, expected in zip(gpu_results, cpu_results, strict=True):
+        error = (got.double().cpu() - expected).abs().max() / expected.abs().max()
+        assert error < 1e-4, f"relative error {error:.2e}"
