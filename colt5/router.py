@@ -210,8 +210,48 @@ class TokenScorer(nn.Module):
             return torch.randn(batch, self.routing_vectors.shape[0], length, device=x.device, dtype=dtype)
         dtype = torch.float64 if x.dtype == torch.float64 or self.batch_invariant else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):
-            scores = (x.to(dtype) @ self.routing_vectors.to(dtype).T).transpose(1, 2)
-        return scores if x.dtype == torch.float64 else scores.float()
+            vectors = self.routing_vectors.to(dtype)
+            if x.dtype == dtype:
+                scores = x @ vectors.T
+            else:
+                scores = _WideScores.apply(x, vectors)
+        return scores.transpose(1, 2) if x.dtype == torch.float64 else scores.transpose(1, 2).float()
+
+
+class _WideScores(torch.autograd.Function):
+    """`x @ vectors.T` computed in the vectors' (wider) dtype without a wide copy of x.
+
+    `x.to(float32) @ v.T` would make, and keep for the backward pass, a float32 copy of the whole sequence: 2 GiB per
+    router for a million bf16 tokens of width 512. Here x is widened a chunk of tokens at a time, both ways.
+    """
+
+    CHUNK_ELEMENTS = 1 << 24  # widened elements at a time: 64 MiB in float32
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """`x` `(batch, n, dim)`, `vectors` `(sets, dim)` -> `(batch, n, sets)` in the vectors' dtype."""
+        ctx.save_for_backward(x, vectors)
+        return torch.cat([chunk.to(vectors.dtype) @ vectors.T for chunk in _WideScores._chunks(x)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, vectors = ctx.saved_tensors
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_vectors = torch.zeros_like(vectors) if ctx.needs_input_grad[1] else None
+        start = 0
+        for chunk in _WideScores._chunks(x):
+            chunk_grad = grad[:, start : start + chunk.shape[1]]
+            if grad_x is not None:
+                grad_x[:, start : start + chunk.shape[1]] = chunk_grad @ vectors
+            if grad_vectors is not None:
+                grad_vectors += torch.einsum("bns,bnd->sd", chunk_grad, chunk.to(vectors.dtype))
+            start += chunk.shape[1]
+        return grad_x, grad_vectors
+
+    @staticmethod
+    def _chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        tokens = max(1, _WideScores.CHUNK_ELEMENTS // (x.shape[0] * x.shape[2]))
+        return x.split(tokens, dim=1)
 
 
 class CoordinateDescentRouter(TokenScorer):

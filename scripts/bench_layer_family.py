@@ -82,15 +82,16 @@ def reference_cross(kv: int) -> nn.Module | None:
     return ref.ConditionalRoutedCrossAttention(DIM, num_tokens_q=QUERIES, num_tokens_kv=kv, heads=HEADS)
 
 
-def reference_image(window: int, pixels: int) -> nn.Module | None:
+def reference_image(window: int) -> nn.Module | None:
+    """The reference routes inside each window: its amounts are per window (the same 1/16 and 1/8 of pixels)."""
     try:
         import colt5_attention as ref
     except ImportError:
         return None
     return ref.ConditionalRoutedImageAttention(
         DIM,
-        num_heavy_tokens_q=pixels // 16,
-        num_heavy_tokens_kv=pixels // 8,
+        num_heavy_tokens_q=window * window // 16,
+        num_heavy_tokens_kv=window * window // 8,
         light_heads=LIGHT_HEADS,
         heavy_heads=HEADS,
         light_window_size=window,
@@ -222,7 +223,7 @@ def main() -> None:
             )
             record("image", size, f"ours, windows {window}x{window}", measure(module, inputs, dtype, device), dense)
         record("image", size, "dense SDPA", dense, dense)
-        if not args.no_reference and (module := reference_image(16, side * side)) is not None:
+        if not args.no_reference and (module := reference_image(16)) is not None:
             record("image", size, "reference windows 16 (fp32)", measure(module, inputs, torch.float32, device), dense)
 
 

@@ -250,7 +250,7 @@ def test_each_sample_attends_to_its_own_context_only(with_masks, num_routed_kv):
         assert (changed[1] - out[1]).abs().max() > 1e-3
 
 
-# ----------------------------------------------------------------------------------------------------- exact computation
+# --------------------------------------------------------------------------------------------------- exact computation
 
 
 @pytest.mark.parametrize("num_routed_kv", [1, 2])

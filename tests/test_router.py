@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from colt5.router import CoordinateDescentRouter, gather_tokens, route, routed_amount, scatter_tokens, validate_amount
+from colt5.router import (
+    CoordinateDescentRouter,
+    TokenScorer,
+    _WideScores,
+    gather_tokens,
+    route,
+    routed_amount,
+    scatter_tokens,
+    validate_amount,
+)
 from colt5.soft_topk import soft_topk
 
 
@@ -183,3 +192,28 @@ def test_block_routing_routes_the_whole_amount_when_blocks_are_short(length, amo
     out = route(scores, amount, mask, route_block_size=16)
     assert out.mask.sum().item() == expected
     assert mask.gather(1, out.indices[:, 0])[out.mask[:, 0]].all()
+
+
+@pytest.mark.parametrize("dtype, batch_invariant", [(torch.bfloat16, False), (torch.float16, False), (torch.float32, True)])
+def test_scores_of_narrow_tokens_are_widened_a_chunk_at_a_time(monkeypatch, dtype, batch_invariant):
+    """Scores and both gradients equal the plain widened matmul, with several chunks, and autograd keeps no wide
+    copy of the tokens."""
+    monkeypatch.setattr(_WideScores, "CHUNK_ELEMENTS", 3 * 2 * 16)  # chunks of 3 tokens, the last one partial
+    scorer = TokenScorer(16, 2, batch_invariant=batch_invariant)
+    wide = torch.float64 if batch_invariant else torch.float32
+    x = torch.randn(2, 20, 16).to(dtype).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        scores = scorer.scores(x)
+    upstream = torch.randn_like(scores)
+    scores.backward(upstream)
+
+    widened = x.detach().to(wide).requires_grad_()
+    vectors = scorer.routing_vectors.detach().to(wide).requires_grad_()
+    expected = (widened @ vectors.T).transpose(1, 2)
+    expected.backward(upstream.to(wide))
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores, expected.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, widened.grad.to(dtype))
+    torch.testing.assert_close(scorer.routing_vectors.grad, vectors.grad.float(), rtol=1e-5, atol=1e-5)
+    assert not any(t.shape == x.shape and t.dtype == wide for t in saved), "a wide copy of x was kept"
