@@ -102,7 +102,8 @@ class ConditionalRoutedCrossAttention(RoutedAttentionBase):
             context: `(batch, m, context_dim)` the memories.
             mask: `(batch, n)` bool, False for padding in x (never routed while valid queries remain).
             context_mask: `(batch, m)` bool, False for padding in the context (never routed while valid tokens
-                remain; a sample whose context is all padding gets a zero output).
+                remain; the routed queries of a sample whose context is all padding get 0, its unrouted queries the
+                learned unrouted output as usual).
 
         Returns:
             `(batch, n, dim)`: the attention output times the router weight at routed queries, the learned
@@ -120,6 +121,10 @@ class ConditionalRoutedCrossAttention(RoutedAttentionBase):
             raise ValueError(
                 f"x and context must be (batch, length, features), got shapes {tuple(x.shape)} and "
                 f"{tuple(context.shape)}."
+            )
+        if x.shape[1] == 0 or context.shape[1] == 0:
+            raise ValueError(
+                f"x and context need at least one token each, got lengths {x.shape[1]} and {context.shape[1]}."
             )
         if context.shape[0] != x.shape[0]:
             raise ValueError(

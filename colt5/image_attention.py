@@ -165,6 +165,8 @@ class ConditionalRoutedImageAttention(RoutedAttentionBase):
                 f"set {other} maps."
             )
         spatial = tuple(x.shape[2:]) if self.channels_first else tuple(x.shape[1:3])
+        if 0 in spatial:
+            raise ValueError(f"the feature map needs at least one pixel, got height x width = {spatial}.")
         if mask is not None and tuple(mask.shape) != (x.shape[0], *spatial):
             raise ValueError(
                 f"mask must be (batch, height, width) = {(x.shape[0], *spatial)}, got {tuple(mask.shape)}."

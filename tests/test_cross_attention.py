@@ -606,3 +606,10 @@ def test_invalid_amounts_raise_at_construction(which, amount):
 def test_heads_not_divisible_by_kv_sets_raises(heads, num_routed_kv):
     with pytest.raises(ValueError, match="num_routed_kv"):
         make_layer(heads=heads, num_routed_kv=num_routed_kv)
+
+
+@pytest.mark.parametrize("queries, memories", [(0, 5), (4, 0)])
+def test_empty_sequences_raise(queries, memories):
+    layer = ConditionalRoutedCrossAttention(DIM, num_heavy_tokens_q=2, num_heavy_tokens_kv=2, heads=4, dim_head=8)
+    with pytest.raises(ValueError, match="at least one token"):
+        layer(torch.randn(1, queries, DIM), torch.randn(1, memories, DIM))

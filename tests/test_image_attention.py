@@ -561,3 +561,12 @@ def test_head_dims_not_divisible_by_four_raise_at_construction(overrides):
 def test_invalid_settings_raise_at_construction(overrides):
     with pytest.raises(ValueError):
         make_layer(**overrides)
+
+
+def test_an_empty_feature_map_raises():
+    layer = ConditionalRoutedImageAttention(
+        DIM, num_heavy_tokens_q=2, num_heavy_tokens_kv=2, window_size=2, light_heads=2, light_dim_head=8,
+        heavy_heads=4, heavy_dim_head=8,
+    )
+    with pytest.raises(ValueError, match="at least one pixel"):
+        layer(torch.randn(1, DIM, 0, 5))

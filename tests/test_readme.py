@@ -1,0 +1,36 @@
+"""The README's examples of the layer family run as written (on the CPU, at the sizes printed there)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SECTION = "## Cross attention over long memories, image attention, routing options"
+
+
+def section_examples() -> list[str]:
+    text = README.read_text()
+    start = text.index(SECTION)
+    end = text.index("\n## ", start + len(SECTION))
+    return re.findall(r"```python\n(.*?)```", text[start:end], flags=re.DOTALL)
+
+
+def test_the_section_has_its_three_examples():
+    assert len(section_examples()) == 3
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_readme_example_runs(index):
+    namespace: dict = {}
+    exec(compile(section_examples()[index], f"README.md example {index}", "exec"), namespace)
+    if index == 0:
+        assert namespace["out"].shape == (2, 1024, 512)
+    elif index == 1:
+        assert namespace["out"].shape == (1, 256, 64, 64)
+        assert namespace["feature_map"].grad is not None
+    else:
+        assert namespace["y"].shape == (3, 2048, 256)
+        counts = namespace["attention"].q_router(namespace["x"], 0.0625, namespace["mask"]).mask.sum(-1)
+        assert counts.flatten().tolist() == [128, 63, 19]  # the amounts the README's comment states
+        assert namespace["hidden"].shape == (1, 1024, 256)
