@@ -157,8 +157,10 @@ class ConditionalRoutedImageAttention(RoutedAttentionBase):
     def _check_inputs(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         layout = "(batch, dim, height, width)" if self.channels_first else "(batch, height, width, dim)"
         if x.dim() != 4 or (x.shape[1] if self.channels_first else x.shape[-1]) != self.dim:
-            other = "channels_first=False for (batch, height, width, dim)" if self.channels_first else (
-                "channels_first=True for (batch, dim, height, width)"
+            other = (
+                "channels_first=False for (batch, height, width, dim)"
+                if self.channels_first
+                else ("channels_first=True for (batch, dim, height, width)")
             )
             raise ValueError(
                 f"expected a feature map {layout} with dim={self.dim} channels, got shape {tuple(x.shape)}; "

@@ -181,6 +181,7 @@ def main() -> None:
         f"{'layer':6s} {'size':>14s} {'impl':34s} {'fwd ms':>9s} {'fwd MB':>9s} {'x fwd':>7s} {'f+b ms':>9s} "
         f"{'f+b MB':>9s} {'x f+b':>7s}"
     )
+
     def cross(kv: int, **options) -> nn.Module:
         return ConditionalRoutedCrossAttention(
             DIM, num_heavy_tokens_q=1.0, num_heavy_tokens_kv=kv, heads=HEADS, dim_head=HEAD_DIM, **options

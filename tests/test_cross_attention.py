@@ -41,8 +41,9 @@ def reference(layer, x, context, mask=None, context_mask=None) -> torch.Tensor:
         rkv = layer.kv_router(context, layer.num_heavy_tokens_kv, context_mask)
     batch, n, _ = x.shape
     sets, hps, e = layer.num_routed_kv, layer.heads_per_set, DIM_HEAD
-    wq, wk, wv, wo = (p.weight.detach() for p in (layer.heavy_q_proj, layer.heavy_k_proj, layer.heavy_v_proj,
-                                                   layer.heavy_o_proj))
+    wq, wk, wv, wo = (
+        p.weight.detach() for p in (layer.heavy_q_proj, layer.heavy_k_proj, layer.heavy_v_proj, layer.heavy_o_proj)
+    )
     out = torch.zeros_like(x)
     for b in range(batch):
         q_slots = rq.mask[b, 0]
@@ -113,8 +114,14 @@ def test_gradients_reach_inputs_projections_and_routing_vectors(overrides):
     out = layer(x, context, mask, context_mask)
     (out * torch.randn_like(out)).sum().backward()
 
-    expected = {"heavy_q_proj.weight", "heavy_k_proj.weight", "heavy_v_proj.weight", "heavy_o_proj.weight",
-                "q_router.routing_vectors", "kv_router.routing_vectors"}
+    expected = {
+        "heavy_q_proj.weight",
+        "heavy_k_proj.weight",
+        "heavy_v_proj.weight",
+        "heavy_o_proj.weight",
+        "q_router.routing_vectors",
+        "kv_router.routing_vectors",
+    }
     if overrides.get("learned_unrouted_output"):
         expected.add("unrouted_output")
     assert {name for name, _ in layer.named_parameters()} == expected
@@ -209,9 +216,13 @@ def test_fully_padded_context_gives_finite_memoryless_output_and_leaves_other_sa
 def test_output_ignores_the_contents_of_padded_memories(multiply_keys_by_score, num_heavy_tokens_kv):
     """Also where fewer valid memories than the amount leave empty slots, which point at position 0 (padding in
     sample 1)."""
-    layer = make_layer(
-        num_heavy_tokens_kv=num_heavy_tokens_kv, num_routed_kv=2, multiply_keys_by_score=multiply_keys_by_score
-    ).double().eval()
+    layer = (
+        make_layer(
+            num_heavy_tokens_kv=num_heavy_tokens_kv, num_routed_kv=2, multiply_keys_by_score=multiply_keys_by_score
+        )
+        .double()
+        .eval()
+    )
     x = torch.randn(2, 9, DIM, dtype=torch.float64)
     context = torch.randn(2, 30, DIM, dtype=torch.float64)
     context_mask = random_mask([22, 4], 30)
@@ -262,14 +273,18 @@ def test_routing_everything_equals_plain_multi_head_cross_attention(
     """With every query and memory routed, all weights are 1 and the layer is ordinary multi-head cross attention
     (keys of padded memories masked out), whatever the routing options."""
     context_dim = 24
-    layer = make_layer(
-        num_heavy_tokens_q=1.0,
-        num_heavy_tokens_kv=1.0,
-        context_dim=context_dim,
-        num_routed_kv=num_routed_kv,
-        multiply_keys_by_score=multiply_keys_by_score,
-        multiply_queries_by_score=multiply_queries_by_score,
-    ).double().eval()
+    layer = (
+        make_layer(
+            num_heavy_tokens_q=1.0,
+            num_heavy_tokens_kv=1.0,
+            context_dim=context_dim,
+            num_routed_kv=num_routed_kv,
+            multiply_keys_by_score=multiply_keys_by_score,
+            multiply_queries_by_score=multiply_queries_by_score,
+        )
+        .double()
+        .eval()
+    )
     x = torch.randn(2, 7, DIM, dtype=torch.float64)
     context = torch.randn(2, 19, context_dim, dtype=torch.float64)
     context_mask = torch.stack([torch.ones(19, dtype=torch.bool), random_mask([11], 19)[0]])
@@ -463,8 +478,10 @@ def test_counts_are_capped_at_each_samples_valid_length():
 def test_multiply_queries_by_score_changes_the_output_only_when_weights_are_below_one():
     x = torch.randn(2, 12, DIM, dtype=torch.float64)
     context = torch.randn(2, 30, DIM, dtype=torch.float64)
-    for amounts, should_differ in ((dict(num_heavy_tokens_q=0.5, num_heavy_tokens_kv=0.25), True),
-                                   (dict(num_heavy_tokens_q=1.0, num_heavy_tokens_kv=0.25), False)):
+    for amounts, should_differ in (
+        (dict(num_heavy_tokens_q=0.5, num_heavy_tokens_kv=0.25), True),
+        (dict(num_heavy_tokens_q=1.0, num_heavy_tokens_kv=0.25), False),
+    ):
         plain = make_layer(**amounts).double().eval()
         scaled = make_layer(multiply_queries_by_score=True, **amounts).double().eval()
         scaled.load_state_dict(plain.state_dict())
@@ -520,8 +537,9 @@ def test_random_routing_follows_the_torch_seed_and_never_routes_padding():
     def call(seed):
         torch.manual_seed(seed)
         with torch.no_grad():
-            return layer.kv_router(context, layer.num_heavy_tokens_kv, context_mask), layer(x, context, None,
-                                                                                            context_mask)
+            return layer.kv_router(context, layer.num_heavy_tokens_kv, context_mask), layer(
+                x, context, None, context_mask
+            )
 
     (r0, out0), (r0_again, out0_again), (r1, out1) = call(0), call(0), call(1)
     assert torch.equal(r0.indices, r0_again.indices) and torch.equal(out0, out0_again)
@@ -584,8 +602,13 @@ def test_inputs_that_are_not_three_dimensional_raise(x_shape, context_shape):
 
 @pytest.mark.parametrize(
     "mask_shape, context_mask_shape, name",
-    [((2, 4), None, "mask"), ((1, 5), None, "mask"), (None, (2, 5), "context_mask"), (None, (2, 9, 1), "context_mask"),
-     ((2, 9), None, "mask")],
+    [
+        ((2, 4), None, "mask"),
+        ((1, 5), None, "mask"),
+        (None, (2, 5), "context_mask"),
+        (None, (2, 9, 1), "context_mask"),
+        ((2, 9), None, "mask"),
+    ],
 )
 def test_wrong_mask_shapes_raise(mask_shape, context_mask_shape, name):
     layer = make_layer()

@@ -57,14 +57,16 @@ def route_pixels(layer, x_last, mask=None):
     tokens = x_last.reshape(batch, height * width, dim)
     flat_mask = None if mask is None else mask.reshape(batch, height * width)
     with torch.no_grad():
-        return (layer.q_router(tokens, layer.num_heavy_tokens_q, flat_mask),
-                layer.kv_router(tokens, layer.num_heavy_tokens_kv, flat_mask))
+        return (
+            layer.q_router(tokens, layer.num_heavy_tokens_q, flat_mask),
+            layer.kv_router(tokens, layer.num_heavy_tokens_kv, flat_mask),
+        )
 
 
 def window_of(row, col, height, width, w=WINDOW) -> torch.Tensor:
     """`(height, width)` bool: the pixels of (row, col)'s window, clipped at the bottom and right edges."""
     inside = torch.zeros(height, width, dtype=torch.bool)
-    inside[row // w * w:(row // w + 1) * w, col // w * w:(col // w + 1) * w] = True
+    inside[row // w * w : (row // w + 1) * w, col // w * w : (col // w + 1) * w] = True
     return inside
 
 
@@ -74,8 +76,10 @@ def light_reference(layer, x_last, mask=None) -> torch.Tensor:
     batch, height, width, _ = x_last.shape
     heads, e = LIGHT_HEADS, LIGHT_DIM_HEAD
     cos, sin = layer.light_rotary(grid(height, width), x_last.dtype)
-    q, k, v = ((x_last @ p.weight.detach().T).view(batch, height, width, heads, e)
-               for p in (layer.light_q_proj, layer.light_k_proj, layer.light_v_proj))
+    q, k, v = (
+        (x_last @ p.weight.detach().T).view(batch, height, width, heads, e)
+        for p in (layer.light_q_proj, layer.light_k_proj, layer.light_v_proj)
+    )
     q, k = apply_rotary(q, cos[:, :, None], sin[:, :, None]), apply_rotary(k, cos[:, :, None], sin[:, :, None])
     valid = torch.ones(batch, height, width, dtype=torch.bool) if mask is None else mask
     out = torch.zeros(batch, height, width, heads * e, dtype=x_last.dtype)
@@ -102,8 +106,9 @@ def heavy_reference(layer, x_last, mask=None) -> torch.Tensor:
     tokens = x_last.reshape(batch, height * width, dim)
     positions = grid(height, width).reshape(height * width, 2)
     hps, e = layer.heads_per_set, HEAVY_DIM_HEAD
-    wq, wk, wv, wo = (p.weight.detach() for p in (layer.heavy_q_proj, layer.heavy_k_proj, layer.heavy_v_proj,
-                                                   layer.heavy_o_proj))
+    wq, wk, wv, wo = (
+        p.weight.detach() for p in (layer.heavy_q_proj, layer.heavy_k_proj, layer.heavy_v_proj, layer.heavy_o_proj)
+    )
     out = torch.zeros_like(tokens)
     for b in range(batch):
         q_idx, q_w = rq.indices[b, 0][rq.mask[b, 0]], rq.weights[b, 0][rq.mask[b, 0]]
@@ -211,8 +216,11 @@ def test_light_branch_is_window_attention(height, width, with_mask):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, dict(num_routed_kv=2, multiply_queries_by_score=True), dict(num_routed_kv=4, multiply_keys_by_score=False,
-                                                                      learned_unrouted_output=True)],
+    [
+        {},
+        dict(num_routed_kv=2, multiply_queries_by_score=True),
+        dict(num_routed_kv=4, multiply_keys_by_score=False, learned_unrouted_output=True),
+    ],
 )
 def test_layer_is_light_plus_routed_heavy_attention(overrides):
     """The whole forward pass against the two hand-written branches, with padding and partial windows."""
@@ -287,9 +295,11 @@ def test_heavy_branch_reaches_across_windows(num_routed_kv):
     """A routed query pixel q draws on a routed key/value pixel p in a distant window: changing p (keeping every
     router score, hence the routing) changes the output at q, though q's window does not contain p."""
     size = 12
-    layer = make_layer(
-        channels_first=False, num_heavy_tokens_q=4, num_heavy_tokens_kv=4, num_routed_kv=num_routed_kv
-    ).double().eval()
+    layer = (
+        make_layer(channels_first=False, num_heavy_tokens_q=4, num_heavy_tokens_kv=4, num_routed_kv=num_routed_kv)
+        .double()
+        .eval()
+    )
     x = torch.randn(1, size, size, DIM, dtype=torch.float64)
     q_pixel, p_pixel = (1, 2), (10, 9)
     with torch.no_grad():
@@ -322,8 +332,11 @@ def test_heavy_branch_reaches_across_windows(num_routed_kv):
 def test_masked_pixels_are_never_routed_while_valid_ones_remain(num_routed_kv):
     """Padding gets the highest router scores, and still loses to every valid pixel; the heavy branch then only
     writes to routed (valid) pixels."""
-    layer = make_layer(channels_first=False, num_routed_kv=num_routed_kv, num_heavy_tokens_q=12,
-                       num_heavy_tokens_kv=20).double().eval()
+    layer = (
+        make_layer(channels_first=False, num_routed_kv=num_routed_kv, num_heavy_tokens_q=12, num_heavy_tokens_kv=20)
+        .double()
+        .eval()
+    )
     x = torch.randn(2, 8, 9, DIM, dtype=torch.float64)
     mask = random_mask([50, 25], 8, 9)
     with torch.no_grad():
@@ -343,8 +356,12 @@ def test_masked_pixels_are_never_routed_while_valid_ones_remain(num_routed_kv):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, dict(num_routed_kv=2, learned_unrouted_output=True, multiply_queries_by_score=True),
-     dict(multiply_keys_by_score=False, num_heavy_tokens_kv=40), dict(router_kwargs=dict(route_block_size=13))],
+    [
+        {},
+        dict(num_routed_kv=2, learned_unrouted_output=True, multiply_queries_by_score=True),
+        dict(multiply_keys_by_score=False, num_heavy_tokens_kv=40),
+        dict(router_kwargs=dict(route_block_size=13)),
+    ],
 )
 def test_valid_pixels_ignore_the_contents_of_masked_pixels(overrides):
     layer = make_layer(**overrides).double().eval()
@@ -393,8 +410,11 @@ def test_each_image_attends_only_to_itself(with_mask):
 
 
 def test_fractions_route_a_share_of_each_images_valid_pixels():
-    layer = make_layer(channels_first=False, num_heavy_tokens_q=0.25, num_heavy_tokens_kv=0.3,
-                       num_routed_kv=2).double().eval()
+    layer = (
+        make_layer(channels_first=False, num_heavy_tokens_q=0.25, num_heavy_tokens_kv=0.3, num_routed_kv=2)
+        .double()
+        .eval()
+    )
     x = torch.randn(3, 6, 7, DIM, dtype=torch.float64)
     mask = random_mask([42, 20, 7], 6, 7)
     rq, rkv = route_pixels(layer, x, mask)
@@ -415,8 +435,17 @@ def test_block_routing_spreads_routed_pixels_over_row_bands(height, blocks, amou
     width = 5
     pixels = height * width
     block_size = math.ceil(pixels / blocks)
-    layer = make_layer(channels_first=False, num_heavy_tokens_q=amount, num_heavy_tokens_kv=amount, num_routed_kv=2,
-                       router_kwargs=dict(route_block_size=block_size)).double().eval()
+    layer = (
+        make_layer(
+            channels_first=False,
+            num_heavy_tokens_q=amount,
+            num_heavy_tokens_kv=amount,
+            num_routed_kv=2,
+            router_kwargs=dict(route_block_size=block_size),
+        )
+        .double()
+        .eval()
+    )
     x = torch.randn(2, height, width, DIM, dtype=torch.float64)
     with torch.no_grad():
         direction = unit(layer.q_router.routing_vectors[0]) + unit(layer.kv_router.routing_vectors.sum(0))
@@ -526,8 +555,14 @@ def test_random_routing_follows_the_seed_and_ignores_the_routing_vectors():
 
 @pytest.mark.parametrize(
     "channels_first, shape",
-    [(True, (2, DIM // 2, 8, 8)), (True, (2, 8, 8, DIM)), (True, (2, DIM, 8)), (False, (2, DIM, 8, 8)),
-     (False, (2, 8, DIM)), (True, (1, 2, DIM, 8, 8))],
+    [
+        (True, (2, DIM // 2, 8, 8)),
+        (True, (2, 8, 8, DIM)),
+        (True, (2, DIM, 8)),
+        (False, (2, DIM, 8, 8)),
+        (False, (2, 8, DIM)),
+        (True, (1, 2, DIM, 8, 8)),
+    ],
 )
 def test_wrong_layout_or_channel_count_raises_and_names_channels_first(channels_first, shape):
     layer = make_layer(channels_first=channels_first)
@@ -555,8 +590,15 @@ def test_head_dims_not_divisible_by_four_raise_at_construction(overrides):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(window_size=0), dict(window_size=True), dict(window_size=2.0), dict(num_heavy_tokens_q=0),
-     dict(num_heavy_tokens_kv=1.5), dict(num_heavy_tokens_q=True), dict(heavy_heads=4, num_routed_kv=3)],
+    [
+        dict(window_size=0),
+        dict(window_size=True),
+        dict(window_size=2.0),
+        dict(num_heavy_tokens_q=0),
+        dict(num_heavy_tokens_kv=1.5),
+        dict(num_heavy_tokens_q=True),
+        dict(heavy_heads=4, num_routed_kv=3),
+    ],
 )
 def test_invalid_settings_raise_at_construction(overrides):
     with pytest.raises(ValueError):
@@ -565,8 +607,14 @@ def test_invalid_settings_raise_at_construction(overrides):
 
 def test_an_empty_feature_map_raises():
     layer = ConditionalRoutedImageAttention(
-        DIM, num_heavy_tokens_q=2, num_heavy_tokens_kv=2, window_size=2, light_heads=2, light_dim_head=8,
-        heavy_heads=4, heavy_dim_head=8,
+        DIM,
+        num_heavy_tokens_q=2,
+        num_heavy_tokens_kv=2,
+        window_size=2,
+        light_heads=2,
+        light_dim_head=8,
+        heavy_heads=4,
+        heavy_dim_head=8,
     )
     with pytest.raises(ValueError, match="at least one pixel"):
         layer(torch.randn(1, DIM, 0, 5))

@@ -29,13 +29,28 @@ def make_attention(kind: str, **options) -> torch.nn.Module:
     heavy = dict(num_routed_kv=options.pop("num_routed_kv", 2), **options)
     if kind == "self":
         return ConditionalRoutedAttention(
-            DIM, num_heavy_tokens_q=0.25, num_heavy_tokens_kv=0.5, light_heads=2, light_dim_head=8,
-            light_window_size=4, heavy_heads=4, heavy_dim_head=8, **heavy,
+            DIM,
+            num_heavy_tokens_q=0.25,
+            num_heavy_tokens_kv=0.5,
+            light_heads=2,
+            light_dim_head=8,
+            light_window_size=4,
+            heavy_heads=4,
+            heavy_dim_head=8,
+            **heavy,
         )
     if kind == "causal":
         return CausalRoutedAttention(
-            DIM, routed_query_fraction=0.25, memory_size=6, block_size=8, light_heads=2, light_dim_head=8,
-            light_window_size=4, heavy_heads=4, heavy_dim_head=8, **heavy,
+            DIM,
+            routed_query_fraction=0.25,
+            memory_size=6,
+            block_size=8,
+            light_heads=2,
+            light_dim_head=8,
+            light_window_size=4,
+            heavy_heads=4,
+            heavy_dim_head=8,
+            **heavy,
         )
     if kind == "cross":
         return ConditionalRoutedCrossAttention(
@@ -43,8 +58,15 @@ def make_attention(kind: str, **options) -> torch.nn.Module:
         )
     if kind == "image":
         return ConditionalRoutedImageAttention(
-            DIM, num_heavy_tokens_q=0.25, num_heavy_tokens_kv=0.5, window_size=2, light_heads=2, light_dim_head=8,
-            heavy_heads=4, heavy_dim_head=8, **heavy,
+            DIM,
+            num_heavy_tokens_q=0.25,
+            num_heavy_tokens_kv=0.5,
+            window_size=2,
+            light_heads=2,
+            light_dim_head=8,
+            heavy_heads=4,
+            heavy_dim_head=8,
+            **heavy,
         )
     raise AssertionError(kind)
 
