@@ -102,7 +102,8 @@ class ConditionalRoutedImageAttention(RoutedAttentionBase):
         x's layout."""
         self._check_inputs(x, mask)
         if self.channels_first:
-            x = rearrange(x, "b c y x -> b y x c")
+            # One channels-last copy, read by both branches (each would otherwise copy the strided view).
+            x = rearrange(x, "b c y x -> b y x c").contiguous()
         height, width = x.shape[1:3]
         rows = torch.arange(height, device=x.device)
         cols = torch.arange(width, device=x.device)
