@@ -16,11 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import nn
 
 from .masked_sdpa import masked_sdpa
 from .rotary import RotaryEmbedding, apply_rotary
-from .routed_attention import RoutedAttentionBase, project
+from .routed_attention import RoutedAttentionBase, light_projections, project
 from .router import CoordinateDescentRouter, validate_amount
 
 
@@ -87,11 +86,9 @@ class ConditionalRoutedImageAttention(RoutedAttentionBase):
         self.dim, self.window_size, self.channels_first = dim, window_size, channels_first
         self.num_heavy_tokens_q, self.num_heavy_tokens_kv = num_heavy_tokens_q, num_heavy_tokens_kv
         self.light_heads = light_heads
-        light_inner = light_heads * light_dim_head
-        self.light_q_proj = nn.Linear(dim, light_inner, bias=False)
-        self.light_k_proj = nn.Linear(dim, light_inner, bias=False)
-        self.light_v_proj = nn.Linear(dim, light_inner, bias=False)
-        self.light_o_proj = nn.Linear(light_inner, dim, bias=False)
+        self.light_q_proj, self.light_k_proj, self.light_v_proj, self.light_o_proj = light_projections(
+            dim, light_heads, light_dim_head
+        )
         self.light_rotary = RotaryEmbedding(light_dim_head, rotary_theta, axes=2)
         self.q_router = CoordinateDescentRouter(dim, 1, **(router_kwargs or {}))
         self.kv_router = CoordinateDescentRouter(dim, num_routed_kv, **(router_kwargs or {}))

@@ -34,6 +34,17 @@ def project(x: torch.Tensor, *projections: nn.Linear) -> tuple[torch.Tensor, ...
     return F.linear(x, weight).split([projection.out_features for projection in projections], dim=-1)
 
 
+def light_projections(dim: int, heads: int, head_dim: int) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+    """The light branch's bias-free query, key, value and output projections."""
+    inner = heads * head_dim
+    return (
+        nn.Linear(dim, inner, bias=False),
+        nn.Linear(dim, inner, bias=False),
+        nn.Linear(dim, inner, bias=False),
+        nn.Linear(inner, dim, bias=False),
+    )
+
+
 def positions_at(positions: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Positions `(batch, n)` or `(batch, n, axes)` of the tokens at `(batch, sets, k)` indices -> `(batch, sets, k)`
     or `(batch, sets, k, axes)`."""
@@ -206,11 +217,9 @@ class TwoBranchAttention(RoutedAttentionBase):
             dropout=dropout,
         )
         self.light_heads = light_heads
-        light_inner = light_heads * light_dim_head
-        self.light_q_proj = nn.Linear(dim, light_inner, bias=False)
-        self.light_k_proj = nn.Linear(dim, light_inner, bias=False)
-        self.light_v_proj = nn.Linear(dim, light_inner, bias=False)
-        self.light_o_proj = nn.Linear(light_inner, dim, bias=False)
+        self.light_q_proj, self.light_k_proj, self.light_v_proj, self.light_o_proj = light_projections(
+            dim, light_heads, light_dim_head
+        )
         self.light_rotary = RotaryEmbedding(light_dim_head, rotary_theta)
         self.light_window_size = light_window_size
         self.causal = causal
