@@ -8,10 +8,29 @@ tokens on the host, so that layers know where blocks end without a device synchr
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .causal_attention import CausalAttentionState
+
+# The name under which generate() passes the cache to forward() and reads it back from the outputs: transformers 5.24
+# renamed it from `past_key_values` (5.17-5.23) to `cache`, in the keyword and in every ModelOutput field at once.
+_OUTPUT_FIELDS = {field.name for field in dataclasses.fields(BaseModelOutputWithPast)}
+CACHE_NAME = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
+
+
+def accepts_past_key_values(forward: Callable) -> Callable:
+    """Decorates a `forward(..., cache=None, ...)` so that it also takes the cache as `past_key_values`: with
+    transformers' FutureWarning where the release renamed it (5.24 on, as transformers' own models do), silently
+    where `past_key_values` is still the release's own name (its generate() passes that)."""
+    # deprecate_kwarg warns only while the installed release is older than `version`.
+    version = "5.40.0" if CACHE_NAME == "cache" else "5.0.0"
+    return deprecate_kwarg("past_key_values", version, new_name="cache")(forward)
 
 
 class CoLT5CacheLayer(CacheLayerMixin):
@@ -90,4 +109,4 @@ class CoLT5Cache(Cache):
         self.valid_counts = [self.valid_counts[i] for i in torch.as_tensor(indices).tolist()]
 
 
-__all__ = ["CoLT5Cache", "CoLT5CacheLayer"]
+__all__ = ["CACHE_NAME", "CoLT5Cache", "CoLT5CacheLayer"]

@@ -16,7 +16,7 @@ from transformers.utils import TransformersKwargs, auto_docstring, can_return_tu
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .cache_colt5 import CoLT5Cache
+from .cache_colt5 import CACHE_NAME, CoLT5Cache, accepts_past_key_values
 from .causal_attention import CausalRoutedAttention
 from .causal_router import ThresholdRouter
 from .configuration_colt5 import CoLT5Config
@@ -143,6 +143,7 @@ class CoLT5Model(CoLT5PreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    @accepts_past_key_values
     @merge_with_config_defaults
     @capture_outputs
     @auto_docstring
@@ -151,7 +152,7 @@ class CoLT5Model(CoLT5PreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: CoLT5Cache | None = None,
+        cache: CoLT5Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -161,29 +162,30 @@ class CoLT5Model(CoLT5PreTrainedModel):
             1 for tokens, 0 for padding. Padding is never routed while a sample has valid tokens left, never
             attended to, and the routed amounts (fractions) follow each sample's own valid length. With a cache
             the mask covers the cached tokens and the new ones, and the new ones must all be 1.
-        past_key_values (`CoLT5Cache`, *optional*):
-            Causal models only: the state of the previous tokens (`use_cache=True` creates one).
+        cache (`CoLT5Cache`, *optional*):
+            Causal models only: the state of the previous tokens, updated in place (`use_cache=True` creates one).
+            Also taken as `past_key_values`, its name before transformers 5.24.
         """
         causal = self.config.is_causal
-        if not causal and past_key_values is not None:
-            raise ValueError("past_key_values needs a causal model (config.is_causal=True); this one is an encoder.")
-        if past_key_values is not None and not isinstance(past_key_values, CoLT5Cache):
+        if not causal and cache is not None:
+            raise ValueError("A cache needs a causal model (config.is_causal=True); this one is an encoder.")
+        if cache is not None and not isinstance(cache, CoLT5Cache):
             raise ValueError(
-                f"CoLT5 needs its own cache, got {type(past_key_values).__name__}: pass a CoLT5Cache(config) or "
+                f"CoLT5 needs its own cache, got {type(cache).__name__}: pass a CoLT5Cache(config) or "
                 "use_cache=True (generate() does this)."
             )
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         _validate_inputs(input_ids, inputs_embeds, attention_mask, past_length)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
         mask = attention_mask[:, past_length:].bool() if attention_mask is not None else None
-        if causal and use_cache and past_key_values is None:
-            past_key_values = CoLT5Cache(self.config)
+        if causal and use_cache and cache is None:
+            cache = CoLT5Cache(self.config)
         valid_counts = None
-        if past_key_values is not None:
+        if cache is not None:
             if past_length == 0:
-                past_key_values.valid_counts = [0] * batch
+                cache.valid_counts = [0] * batch
             elif mask is not None:
                 if not bool(mask.all()):
                     raise ValueError(
@@ -191,13 +193,13 @@ class CoLT5Model(CoLT5PreTrainedModel):
                         "first forward pass (the prompt) only."
                     )
                 mask = None
-            valid_counts = past_key_values.valid_counts
+            valid_counts = cache.valid_counts
         position_ids = self._position_ids(position_ids, mask, batch, length, inputs_embeds.device, valid_counts)
 
         hidden_states = inputs_embeds
         for idx, layer in enumerate(self.layers):
             if causal:
-                cache_layer = past_key_values.layers[idx] if past_key_values is not None else None
+                cache_layer = cache.layers[idx] if cache is not None else None
                 hidden_states, state = layer(
                     hidden_states,
                     attention_mask=mask,
@@ -209,10 +211,10 @@ class CoLT5Model(CoLT5PreTrainedModel):
                     cache_layer.state = state
             else:
                 hidden_states = layer(hidden_states, attention_mask=mask, position_ids=position_ids)
-        if past_key_values is not None:
+        if cache is not None:
             added = [length] * batch if mask is None else mask.sum(-1).tolist()
-            past_key_values.valid_counts = [count + new for count, new in zip(valid_counts, added)]
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+            cache.valid_counts = [count + new for count, new in zip(valid_counts, added)]
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: cache})
 
     def _position_ids(
         self,
@@ -264,6 +266,7 @@ class CoLT5ForCausalLM(CoLT5PreTrainedModel, GenerationMixin):
         # generate() must not build a DynamicCache: the first forward pass creates a CoLT5Cache and returns it.
         return False
 
+    @accepts_past_key_values
     @can_return_tuple
     @auto_docstring
     def forward(
@@ -271,7 +274,7 @@ class CoLT5ForCausalLM(CoLT5PreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: CoLT5Cache | None = None,
+        cache: CoLT5Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -279,6 +282,9 @@ class CoLT5ForCausalLM(CoLT5PreTrainedModel, GenerationMixin):
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
         r"""
+        cache (`CoLT5Cache`, *optional*):
+            The state of the previous tokens, updated in place (`use_cache=True` creates one). Also taken as
+            `past_key_values`, its name before transformers 5.24.
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token targets aligned with `input_ids` (the loss shifts them); -100 is ignored.
         """
@@ -286,7 +292,7 @@ class CoLT5ForCausalLM(CoLT5PreTrainedModel, GenerationMixin):
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -300,9 +306,9 @@ class CoLT5ForCausalLM(CoLT5PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_NAME: outputs.get(CACHE_NAME)},
         )
 
 

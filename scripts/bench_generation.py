@@ -27,6 +27,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from colt5 import CoLT5Config, CoLT5ForCausalLM
+from colt5.cache_colt5 import CACHE_NAME
 
 VOCAB = 32128
 
@@ -100,7 +101,7 @@ def measure(model, context: int, batch: int, new_tokens: int, device: torch.devi
         total_s=total,
         decode_tok_s=batch * (new_tokens - 1) / max(total - prefill, 1e-9),
         end_to_end_tok_s=batch * new_tokens / total,
-        cache_mb=cache_bytes(out.past_key_values) / 2**20,
+        cache_mb=cache_bytes(out[CACHE_NAME]) / 2**20,
         peak_gb=peak,
     )
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -23,12 +24,14 @@ from colt5 import (
     CausalRoutedTransformerBlock,
     CoLT5Cache,
     CoLT5ForCausalLM,
+    CoLT5Model,
     ConditionalRoutedAttention,
     RouterOutput,
     ThresholdRouter,
     causal_attention,
     route,
 )
+from colt5.cache_colt5 import CACHE_NAME
 
 VOCAB = 384  # ByT5's vocabulary size: 3 special tokens, 256 bytes, 125 extra ids
 DIM = 64  # hidden_size of the conftest TINY_CONFIG
@@ -331,11 +334,11 @@ def test_greedy_generation_is_the_same_with_and_without_cache(causal_config, rou
 def step_logits(model, ids, prompt_length, chunk=1, cache=None):
     """Logits of `ids` from a cached prefill of `prompt_length` tokens, then `chunk` tokens per cached step."""
     with torch.no_grad():
-        out = model(ids[:, :prompt_length], past_key_values=cache, use_cache=True)
-        logits, cache = [out.logits], out.past_key_values
+        out = model(ids[:, :prompt_length], cache=cache, use_cache=True)
+        logits, cache = [out.logits], out[CACHE_NAME]
         for start in range(prompt_length, ids.shape[1], chunk):
-            out = model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True)
-            assert out.past_key_values is cache
+            out = model(ids[:, start : start + chunk], cache=cache, use_cache=True)
+            assert out[CACHE_NAME] is cache
             logits.append(out.logits)
     return torch.cat(logits, dim=1), cache
 
@@ -385,10 +388,10 @@ def test_left_padded_prompt_cached_logits_match_the_sample_alone(lm):
     ids, mask = left_pad(prompts)
     with torch.no_grad():
         out = lm(ids, attention_mask=mask, use_cache=True)
-        logits, cache = [out.logits[:, -1:]], out.past_key_values
+        logits, cache = [out.logits[:, -1:]], out[CACHE_NAME]
         for i in range(continuation.shape[1] - 1):
             mask = torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), dim=1)
-            out = lm(continuation[:, i : i + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
+            out = lm(continuation[:, i : i + 1], attention_mask=mask, cache=cache, use_cache=True)
             logits.append(out.logits)
         cached = torch.cat(logits, dim=1)
         assert cache.valid_counts == [9 + 39, 16 + 39]
@@ -426,7 +429,7 @@ def test_a_colt5_cache_passed_by_the_user_is_used(lm):
     prompt = random_ids(2, 20)
     settings = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)
     cache = CoLT5Cache(lm.config)
-    generated = lm.generate(prompt, past_key_values=cache, **settings)
+    generated = lm.generate(prompt, **{CACHE_NAME: cache}, **settings)  # the name this release's generate() takes
     assert torch.equal(generated, lm.generate(prompt, **settings))
     assert cache.get_seq_length() >= 20 + 40 - 1  # the prompt and the new tokens went through this cache
     assert len(cache.valid_counts) == 2
@@ -440,23 +443,46 @@ def test_a_colt5_cache_passed_by_the_user_is_used(lm):
     assert relative_error(cached, full) <= CACHE_RTOL
 
 
+def test_the_cache_is_also_taken_as_past_key_values(lm):
+    """`past_key_values=` (the name before transformers 5.24) reaches the same cache: silently where it is the
+    installed release's own name, with transformers' FutureWarning where the release renamed it to `cache`."""
+    ids = distinct_ids(2, 30)
+    with torch.no_grad():
+        expected, _ = step_logits(lm, ids, 20)
+        cache = lm(ids[:, :20], use_cache=True)[CACHE_NAME]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            steps = [lm(ids[:, i : i + 1], past_key_values=cache, use_cache=True) for i in range(20, 30)]
+    assert all(step[CACHE_NAME] is cache for step in steps)
+    assert cache.get_seq_length() == 30
+    torch.testing.assert_close(torch.cat([step.logits for step in steps], 1), expected[:, 20:], atol=1e-6, rtol=0)
+    renamed = [w for w in caught if issubclass(w.category, FutureWarning) and "past_key_values" in str(w.message)]
+    assert len(renamed) == (10 if CACHE_NAME == "cache" else 0)
+
+
 def test_a_dynamic_cache_is_refused(lm):
     with pytest.raises(ValueError, match="CoLT5Cache"):
-        lm(random_ids(1, 10), past_key_values=DynamicCache(), use_cache=True)
+        lm(random_ids(1, 10), cache=DynamicCache(), use_cache=True)
+
+
+def test_an_encoder_refuses_a_cache(tiny_config):
+    encoder = CoLT5Model(tiny_config()).eval()
+    with pytest.raises(ValueError, match="needs a causal model"):
+        encoder(random_ids(1, 10) % 300, cache=CoLT5Cache(encoder.config))
 
 
 def test_padding_in_a_cached_step_is_refused(lm):
     with torch.no_grad():
-        cache = lm(random_ids(1, 20), use_cache=True).past_key_values
+        cache = lm(random_ids(1, 20), use_cache=True)[CACHE_NAME]
         ok = torch.ones(1, 21, dtype=torch.long)
-        lm(random_ids(1, 1), attention_mask=ok, past_key_values=copy.deepcopy(cache), use_cache=True)
+        lm(random_ids(1, 1), attention_mask=ok, cache=copy.deepcopy(cache), use_cache=True)
         with pytest.raises(ValueError, match="must all be valid"):
-            lm(random_ids(1, 1), attention_mask=torch.cat((ok[:, :20], ok[:, :1] * 0), 1), past_key_values=cache)
+            lm(random_ids(1, 1), attention_mask=torch.cat((ok[:, :20], ok[:, :1] * 0), 1), cache=cache)
 
 
 def test_crop_is_not_supported(lm):
     with torch.no_grad():
-        cache = lm(random_ids(1, 20), use_cache=True).past_key_values
+        cache = lm(random_ids(1, 20), use_cache=True)[CACHE_NAME]
     with pytest.raises(NotImplementedError):
         cache.crop(10)
     with pytest.raises(NotImplementedError):
@@ -470,7 +496,7 @@ def test_reorder_cache_swaps_the_samples(lm):
     ids, mask = left_pad([tokens[0, :20], tokens[1, :14]])
     continuation = tokens[:, 20:]  # the second sample crosses its block edge at 16, the first does not
     with torch.no_grad():
-        cache = lm(ids, attention_mask=mask, use_cache=True).past_key_values
+        cache = lm(ids, attention_mask=mask, use_cache=True)[CACHE_NAME]
     swapped = copy.deepcopy(cache)
     swapped.reorder_cache(torch.tensor([1, 0]))
     assert swapped.valid_counts == [14, 20]
@@ -480,7 +506,7 @@ def test_reorder_cache_swaps_the_samples(lm):
         with torch.no_grad():
             for i in range(tokens.shape[1]):
                 mask = torch.cat((mask, torch.ones(2, 1, dtype=torch.long)), dim=1)
-                out = lm(tokens[:, i : i + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
+                out = lm(tokens[:, i : i + 1], attention_mask=mask, cache=cache, use_cache=True)
                 logits.append(out.logits)
         return torch.cat(logits, dim=1)
 
