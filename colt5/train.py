@@ -58,6 +58,9 @@ TASKS = ("causal-lm", "classification")
 SETTINGS_FILE = "colt5_train_settings.json"
 # Settings that only steer this invocation, not what is trained: a resumed run may change them freely.
 _INVOCATION_ONLY = {"resume", "overwrite", "push_to_hub", "hub_private", "sample_tokens", "prompt"}
+# At most this many new tokens of the end-of-run greedy decoding are compared with and without the cache (the
+# default sample of 200 crosses a re-routing of the small preset's memory).
+CACHE_CHECK_MAX_TOKENS = 256
 
 
 # Model sizes. `base` and `large` are the paper's CoLT5-B and CoLT5-L widths; `tiny` and `small` fit a CPU.
@@ -541,11 +544,13 @@ def main(argv: list[str] | None = None) -> None:
     _print_summary(summary)
     if args.push_to_hub:
         push_checkpoint(args.output_dir, args.push_to_hub, private=args.hub_private)
+    if sample and sample["cache_check"] and not sample["cache_check"]["equal"]:
+        raise SystemExit(f"colt5-train: {_cache_check_failure(sample['cache_check'])}")
 
 
 def _generate_sample(args: argparse.Namespace, held_out) -> dict | None:
-    """Reloads the saved checkpoint through AutoModelForCausalLM (so the sample also shows that it loads) and
-    samples `--sample-tokens` bytes after the prompt."""
+    """Reloads the saved checkpoint through AutoModelForCausalLM (so the sample also shows that it loads),
+    samples `--sample-tokens` bytes after the prompt and checks cached generation (`_check_cached_generation`)."""
     if args.sample_tokens == 0:
         return None
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -559,8 +564,33 @@ def _generate_sample(args: argparse.Namespace, held_out) -> dict | None:
             **inputs, max_new_tokens=args.sample_tokens, do_sample=True, temperature=0.8, top_k=40,
             pad_token_id=tokenizer.pad_token_id,
         )
+        # Random routing draws new scores on every call, so a cached step routes differently by design.
+        cache_check = None if model.config.random_routing else _check_cached_generation(
+            model, inputs, min(args.sample_tokens, CACHE_CHECK_MAX_TOKENS), tokenizer.pad_token_id
+        )
     completion = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return {"prompt": prompt, "completion": completion, "loaded_with": "AutoModelForCausalLM"}
+    return {"prompt": prompt, "completion": completion, "loaded_with": "AutoModelForCausalLM",
+            "cache_check": cache_check}
+
+
+def _check_cached_generation(model: PreTrainedModel, inputs, new_tokens: int, pad_token_id: int) -> dict:
+    """Greedy decoding of `new_tokens` tokens with the cache and without it (a full forward pass per token): the
+    two must be equal, or the sample, which decodes with the cache, does not show what the model computes."""
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id)
+    start = inputs["input_ids"].shape[1]
+    cached = model.generate(**inputs, use_cache=True, **settings)[0, start:]
+    uncached = model.generate(**inputs, use_cache=False, **settings)[0, start:]
+    mismatches = (cached != uncached).nonzero()
+    first_mismatch = int(mismatches[0]) if len(mismatches) else None
+    return {"new_tokens": new_tokens, "equal": first_mismatch is None, "first_mismatch": first_mismatch}
+
+
+def _cache_check_failure(check: dict) -> str:
+    return (
+        f"CACHED GENERATION IS BROKEN: greedy decoding with the cache differs from decoding without it from new "
+        f"token {check['first_mismatch']} of {check['new_tokens']} on, so the sample is not what the model computes. "
+        f"The checkpoint itself is saved. Versions: {_versions()}."
+    )
 
 
 def _distributed_wrapping(trainer: Trainer) -> str | None:
@@ -601,6 +631,14 @@ def _print_summary(summary: dict) -> None:
     if summary["sample"]:
         print(f"\nsample from the reloaded checkpoint, prompt then completion:\n{summary['sample']['prompt']}"
               f"\n{'-' * 40}\n{summary['sample']['completion']}\n")
+        check = summary["sample"]["cache_check"]
+        if check is None:
+            print("cache check: skipped (random routing routes every call anew)")
+        elif check["equal"]:
+            print(f"cache check: greedy decoding with the cache equals decoding without it ({check['new_tokens']} "
+                  "new tokens)")
+        else:
+            print(f"\n{'!' * 80}\n{_cache_check_failure(check)}\n{'!' * 80}\n", file=sys.stderr)
 
 
 if __name__ == "__main__":

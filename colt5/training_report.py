@@ -119,6 +119,14 @@ def write_model_card(output_dir: Path, summary: dict) -> Path:
             "\n## Sample\n\nSampled (temperature 0.8, top-k 40) from this checkpoint after reloading it, continuing "
             f"a held-out prompt:\n\n```text\n{summary['sample']['prompt']}{summary['sample']['completion']}\n```\n"
         )
+        check = summary["sample"]["cache_check"]
+        if check and check["equal"]:
+            sample += (f"\nGreedy decoding with the cache equals decoding without it over the first "
+                       f"{check['new_tokens']} new tokens (checked after training).\n")
+        elif check:
+            sample += (f"\n**Warning: greedy decoding with the cache differed from decoding without it from new token "
+                       f"{check['first_mismatch']} on (checked after training): the sample is not what the model "
+                       "computes.**\n")
     plot = "\n![loss curves](loss.png)\n" if (output_dir / "loss.png").is_file() else ""
     body = f"""
 # {summary['model_class']}, trained with colt5-train

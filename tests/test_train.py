@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, ByT5Tokenizer
 
 from colt5 import CoLT5Config, CoLT5ForCausalLM
+from colt5.cache_colt5 import CACHE_NAME
 from colt5.train import (
     LORA_TARGET_MODULES,
     add_lora_adapters,
@@ -238,7 +239,7 @@ def trained(tmp_path_factory) -> Path:
     """A 24-step run of the tiny model on the embedded corpus, in this process, asked to push to the Hub while
     offline: it must save everything, then fail with a clear message."""
     output_dir = tmp_path_factory.mktemp("run") / "colt5-tiny"
-    argv = [*TINY_RUN, "--steps", "24", "--eval-steps", "12", "--sample-tokens", "32",
+    argv = [*TINY_RUN, "--steps", "24", "--eval-steps", "12", "--sample-tokens", "80",
             "--output-dir", str(output_dir), "--push-to-hub", "someone/colt5-tiny"]
     with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}), pytest.raises(SystemExit) as failure:
         main(argv)
@@ -274,6 +275,36 @@ def test_run_learns_and_reports_what_it_measured(trained):
     assert f"loss {start['eval_loss']:.4f}" in card and f"loss {end['eval_loss']:.4f}" in card
     assert summary["command"] in card and "![loss curves](loss.png)" in card
     assert summary["sample"]["completion"] and summary["sample"]["completion"] in card
+    # The greedy check crossed a re-routing of the memory: blocks of 64 tokens, a 256-byte prompt, 80 new tokens.
+    assert summary["sample"]["cache_check"] == {"new_tokens": 80, "equal": True, "first_mismatch": None}
+    assert "decoding with the cache equals decoding without it over the first 80 new tokens" in card
+
+
+def test_a_broken_cache_fails_the_run_loudly_after_saving(tmp_path, capsys):
+    """With the cache lost between generate() steps (as on transformers 5.24 before CoLT5 took its new name), the
+    run's own check finds the cached greedy decoding different, says so on stderr and in the model card, and exits
+    with an error once everything is saved. The model stays at an initialisation 10x larger than usual: greedy
+    decoding of a briefly trained (or usually initialised) tiny model repeats one byte whatever the context, with or
+    without a cache."""
+    original = CoLT5ForCausalLM.prepare_inputs_for_generation
+
+    def losing_the_cache(self, *args, **kwargs):
+        inputs = original(self, *args, **kwargs)
+        inputs.pop(CACHE_NAME, None)
+        inputs.pop("attention_mask", None)  # it covers the cached tokens: without the cache it would be refused
+        return inputs
+
+    output_dir = tmp_path / "run"
+    with mock.patch.object(CoLT5ForCausalLM, "prepare_inputs_for_generation", losing_the_cache):
+        with pytest.raises(SystemExit) as failure:
+            main([*TINY_RUN, "--steps", "1", "--lr", "1e-9", "--config", "initializer_range=0.2",
+                  "--sample-tokens", "32", "--output-dir", str(output_dir)])
+    assert "CACHED GENERATION IS BROKEN" in str(failure.value.code)
+    assert "CACHED GENERATION IS BROKEN" in capsys.readouterr().err
+    check = json.loads((output_dir / "train_summary.json").read_text())["sample"]["cache_check"]
+    assert not check["equal"] and 0 <= check["first_mismatch"] < 32
+    assert "**Warning: greedy decoding with the cache differed" in (output_dir / "README.md").read_text()
+    assert (output_dir / "model.safetensors").is_file()
 
 
 def test_checkpoint_reloads_and_generates_with_auto_class(trained):
