@@ -6,6 +6,7 @@
 #   bash scripts/test_versions.sh lowest   the lower bounds of pyproject.toml's dependencies and test extra (their
 #                                          own dependencies take the newest that fits), in .venv-lowest
 # Prints the installed versions, then runs the suite as scripts/run_tests.sh does; extra arguments go to pytest.
+# PYTHON picks the interpreter (default python3; 3.11 or newer, for tomllib).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 which="${1:-}"
