@@ -9,6 +9,8 @@ tokens on the host, so that layers know where blocks end without a device synchr
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -25,12 +27,27 @@ CACHE_NAME = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
 
 
 def accepts_past_key_values(forward: Callable) -> Callable:
-    """Decorates a `forward(..., cache=None, ...)` so that it also takes the cache as `past_key_values`: with
-    transformers' FutureWarning where the release renamed it (5.24 on, as transformers' own models do), silently
-    where `past_key_values` is still the release's own name (its generate() passes that)."""
-    # deprecate_kwarg warns only while the installed release is older than `version`.
-    version = "5.40.0" if CACHE_NAME == "cache" else "5.0.0"
-    return deprecate_kwarg("past_key_values", version, new_name="cache")(forward)
+    """Decorates a `forward(..., cache=None, ...)` so that it also takes the cache as `past_key_values`."""
+    if CACHE_NAME == "cache":
+        # As transformers' own models do from 5.24 on: the old name still works, with transformers' FutureWarning.
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def forward_taking_past_key_values(*args, past_key_values: Cache | None = None, **kwargs):
+        # Before 5.24 `past_key_values` is the release's own name, the one its generate() passes: taken silently.
+        # A cache given to generate() as `cache=` reaches forward() under both names, as the same object; two
+        # different ones follow 5.24's rule: `cache` wins, with a warning.
+        if kwargs.get("cache") is None:
+            kwargs["cache"] = past_key_values
+        elif past_key_values is not None and past_key_values is not kwargs["cache"]:
+            warnings.warn(
+                f"Both `past_key_values` and `cache` are set for `{forward.__qualname__}`: using `cache`.",
+                FutureWarning,
+                stacklevel=2,
+            )
+        return forward(*args, **kwargs)
+
+    return forward_taking_past_key_values
 
 
 class CoLT5CacheLayer(CacheLayerMixin):

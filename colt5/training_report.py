@@ -120,9 +120,10 @@ def write_model_card(output_dir: Path, summary: dict) -> Path:
             f"a held-out prompt:\n\n```text\n{summary['sample']['prompt']}{summary['sample']['completion']}\n```\n"
         )
         check = summary["sample"]["cache_check"]
-        if check and check["equal"]:
-            sample += (f"\nGreedy decoding with the cache equals decoding without it over the first "
-                       f"{check['new_tokens']} new tokens (checked after training).\n")
+        if check and check["passed"]:
+            agreed = check["new_tokens"] if check["first_mismatch"] is None else check["first_mismatch"]
+            sample += (f"\nGreedy decoding with the cache equals decoding without it over the first {agreed} new "
+                       "tokens (checked after training).\n")
         elif check:
             sample += (f"\n**Warning: greedy decoding with the cache differed from decoding without it from new token "
                        f"{check['first_mismatch']} on (checked after training): the sample is not what the model "

@@ -460,6 +460,28 @@ def test_the_cache_is_also_taken_as_past_key_values(lm):
     assert len(renamed) == (10 if CACHE_NAME == "cache" else 0)
 
 
+def test_generate_takes_a_cache_as_cache_on_every_release(lm):
+    """`generate(cache=...)`, the name of the docs from transformers 5.24 on: before 5.24 generate() passes it on as
+    it is and adds its own `past_key_values` (the same object); neither may warn, and the cache is used."""
+    prompt = random_ids(2, 20)
+    settings = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    cache = CoLT5Cache(lm.config)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generated = lm.generate(prompt, cache=cache, **settings)
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
+    assert torch.equal(generated, lm.generate(prompt, use_cache=False, **settings))
+    assert cache.get_seq_length() >= 20 + 40 - 1
+
+
+def test_of_two_different_caches_cache_wins_with_a_warning(lm):
+    """transformers 5.24's rule for both names at once, kept on earlier releases too."""
+    first, second = CoLT5Cache(lm.config), CoLT5Cache(lm.config)
+    with torch.no_grad(), pytest.warns(FutureWarning, match="Both `past_key_values` and `cache` are set"):
+        out = lm(random_ids(1, 10), cache=first, past_key_values=second, use_cache=True)
+    assert out[CACHE_NAME] is first and first.get_seq_length() == 10 and second.get_seq_length() == 0
+
+
 def test_a_dynamic_cache_is_refused(lm):
     with pytest.raises(ValueError, match="CoLT5Cache"):
         lm(random_ids(1, 10), cache=DynamicCache(), use_cache=True)

@@ -23,6 +23,7 @@ from colt5 import CoLT5Config, CoLT5ForCausalLM
 from colt5.cache_colt5 import CACHE_NAME
 from colt5.train import (
     LORA_TARGET_MODULES,
+    _check_cached_generation,
     add_lora_adapters,
     last_complete_checkpoint,
     main,
@@ -275,34 +276,73 @@ def test_run_learns_and_reports_what_it_measured(trained):
     assert f"loss {start['eval_loss']:.4f}" in card and f"loss {end['eval_loss']:.4f}" in card
     assert summary["command"] in card and "![loss curves](loss.png)" in card
     assert summary["sample"]["completion"] and summary["sample"]["completion"] in card
-    # The greedy check crossed a re-routing of the memory: blocks of 64 tokens, a 256-byte prompt, 80 new tokens.
-    assert summary["sample"]["cache_check"] == {"new_tokens": 80, "equal": True, "first_mismatch": None}
+    # No false alarm (whether the check can tell a broken cache: test_cache_check_tells_a_working_cache_from_a_lost_one).
+    check = summary["sample"]["cache_check"]
+    assert check == {"new_tokens": 80, "first_mismatch": None, "logit_gap": None, "passed": True}
     assert "decoding with the cache equals decoding without it over the first 80 new tokens" in card
 
 
-def test_a_broken_cache_fails_the_run_loudly_after_saving(tmp_path, capsys):
-    """With the cache lost between generate() steps (as on transformers 5.24 before CoLT5 took its new name), the
-    run's own check finds the cached greedy decoding different, says so on stderr and in the model card, and exits
-    with an error once everything is saved. The model stays at an initialisation 10x larger than usual: greedy
-    decoding of a briefly trained (or usually initialised) tiny model repeats one byte whatever the context, with or
-    without a cache."""
+def losing_the_cache():
+    """generate() with the cache lost between steps (as on transformers 5.24 before CoLT5 took its new name): each
+    step sees its new token alone."""
     original = CoLT5ForCausalLM.prepare_inputs_for_generation
 
-    def losing_the_cache(self, *args, **kwargs):
+    def prepare_inputs_without_the_cache(self, *args, **kwargs):
         inputs = original(self, *args, **kwargs)
         inputs.pop(CACHE_NAME, None)
         inputs.pop("attention_mask", None)  # it covers the cached tokens: without the cache it would be refused
         return inputs
 
+    return mock.patch.object(CoLT5ForCausalLM, "prepare_inputs_for_generation", prepare_inputs_without_the_cache)
+
+
+def test_cache_check_tells_a_working_cache_from_a_lost_one(tiny_config):
+    """On a tiny random model initialised 10x larger than usual (at the usual scale, and after brief training,
+    greedy decoding repeats one byte whatever the context, which no check could tell apart)."""
+    model = CoLT5ForCausalLM(tiny_config(is_causal=True, vocab_size=384, initializer_range=0.2,
+                                         causal_block_size=16, routed_kv_tokens=12)).eval()
+    inputs = {"input_ids": torch.randint(3, 259, (1, 20)), "attention_mask": torch.ones(1, 20, dtype=torch.long)}
+    with torch.no_grad():
+        working = _check_cached_generation(model, inputs, 30, pad_token_id=0)  # crosses block edges at 32 and 48
+        with losing_the_cache():
+            lost = _check_cached_generation(model, inputs, 30, pad_token_id=0)
+    assert working == {"new_tokens": 30, "first_mismatch": None, "logit_gap": None, "passed": True}
+    assert not lost["passed"] and 0 <= lost["first_mismatch"] < 30 and lost["logit_gap"] > 1e-2
+
+
+@pytest.mark.parametrize("gap, passed", [(1e-6, True), (1e-1, False)])
+def test_cache_check_lets_a_near_tie_fall_either_way(gap, passed):
+    """Where the two decodings part, the uncached logits of the two tokens decide: within 1e-4 of the largest
+    logit is a tie that float rounding may break either way, beyond it a broken cache."""
+    logits = torch.zeros(1, 10)
+    logits[0, 7], logits[0, 3] = 5.0, 5.0 - gap  # uncached decoding picks 7; cached picks 3 at the third new token
+    uncached = [3, 4, 7, 2]
+
+    def generate(input_ids, attention_mask, use_cache, output_logits=False, **settings):
+        new = [3, 4, 3, 2] if use_cache else uncached
+        steps = [torch.nn.functional.one_hot(torch.tensor([t]), 10).float() for t in uncached]
+        steps[2] = logits
+        return mock.Mock(sequences=torch.tensor([[9, 9, *new]]), logits=steps if output_logits else None)
+
+    inputs = {"input_ids": torch.tensor([[9, 9]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    check = _check_cached_generation(mock.Mock(generate=generate), inputs, 4, pad_token_id=0)
+    assert check["first_mismatch"] == 2 and check["logit_gap"] == pytest.approx(gap, rel=1e-3, abs=1e-7)
+    assert check["passed"] is passed
+
+
+def test_a_broken_cache_fails_the_run_loudly_after_saving(tmp_path, capsys):
+    """With the cache lost between generate() steps, the run's own check finds the cached greedy decoding
+    different, says so on stderr and in the model card, and exits with an error once everything is saved (the model
+    stays at a 10x larger initialisation, see above)."""
     output_dir = tmp_path / "run"
-    with mock.patch.object(CoLT5ForCausalLM, "prepare_inputs_for_generation", losing_the_cache):
+    with losing_the_cache():
         with pytest.raises(SystemExit) as failure:
             main([*TINY_RUN, "--steps", "1", "--lr", "1e-9", "--config", "initializer_range=0.2",
                   "--sample-tokens", "32", "--output-dir", str(output_dir)])
     assert "CACHED GENERATION IS BROKEN" in str(failure.value.code)
     assert "CACHED GENERATION IS BROKEN" in capsys.readouterr().err
     check = json.loads((output_dir / "train_summary.json").read_text())["sample"]["cache_check"]
-    assert not check["equal"] and 0 <= check["first_mismatch"] < 32
+    assert not check["passed"] and 0 <= check["first_mismatch"] < 32
     assert "**Warning: greedy decoding with the cache differed" in (output_dir / "README.md").read_text()
     assert (output_dir / "model.safetensors").is_file()
 
