@@ -6,18 +6,21 @@ Importing the package registers the config and models with transformers' Auto cl
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from .autoregressive_attention import ConditionalRoutedAutoregressiveAttention
 from .cache_colt5 import CoLT5Cache
 from .causal_attention import CausalAttentionState, CausalRoutedAttention
 from .causal_router import ThresholdRouter, route_block_memory
 from .configuration_colt5 import CoLT5Config
+from .convert_colt5_attention import from_colt5_attention
 from .cross_attention import ConditionalRoutedCrossAttention
 from .image_attention import ConditionalRoutedImageAttention
 from .modeling_colt5 import CoLT5ForCausalLM, CoLT5ForSequenceClassification, CoLT5Model, CoLT5PreTrainedModel
 from .routed_attention import ConditionalRoutedAttention
 from .routed_block import CausalRoutedTransformerBlock, ConditionalRoutedTransformerBlock
-from .routed_feedforward import CausalRoutedFeedForward, ConditionalRoutedFeedForward, GatedMLP
-from .router import CoordinateDescentRouter, RouterOutput, route
-from .soft_topk import soft_topk
+from .routed_feedforward import CausalRoutedFeedForward, ConditionalRoutedFeedForward, GatedMLP, GeluMLP
+from .router import CoordinateDescentRouter, RouterOutput, RouterReturn, route
+from .soft_topk import TopkReturn, coor_descent, soft_topk, topk
+from .vit import ConditionalRoutedViT
 
 AutoConfig.register(CoLT5Config.model_type, CoLT5Config, exist_ok=True)
 AutoModel.register(CoLT5Config, CoLT5Model, exist_ok=True)
@@ -38,15 +41,23 @@ __all__ = [
     "CausalRoutedFeedForward",
     "CausalRoutedTransformerBlock",
     "ConditionalRoutedAttention",
+    "ConditionalRoutedAutoregressiveAttention",
     "ConditionalRoutedCrossAttention",
     "ConditionalRoutedImageAttention",
     "ConditionalRoutedFeedForward",
     "ConditionalRoutedTransformerBlock",
+    "ConditionalRoutedViT",
     "CoordinateDescentRouter",
     "GatedMLP",
+    "GeluMLP",
     "RouterOutput",
+    "RouterReturn",
     "ThresholdRouter",
+    "TopkReturn",
+    "coor_descent",
+    "from_colt5_attention",
     "route",
     "route_block_memory",
     "soft_topk",
+    "topk",
 ]

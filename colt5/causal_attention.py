@@ -27,7 +27,7 @@ from .causal_router import ThresholdRouter, route_block_memory
 from .masked_sdpa import masked_sdpa
 from .rotary import apply_rotary
 from .routed_attention import TwoBranchAttention, project
-from .router import TokenScorer, route
+from .router import TokenScorer, route, route_settings, with_default_schedule
 
 
 @dataclass
@@ -101,10 +101,14 @@ class CausalRoutedAttention(TwoBranchAttention):
         learned_unrouted_output: add a learned vector to the heavy output of tokens that are not routed.
         rotary_theta: rotary base (positions from `position_ids` in both branches).
         dropout: attention-probability dropout.
-        router_kwargs: soft top-k settings (fetch_ratio, eps, n_iters, eps_schedule, straight_through) for the
-            memory routing; the query router uses fetch_ratio, eps and straight_through. `random_routing` (both
-            routers score at random, an ablation control; see `TokenScorer`).
+        router_kwargs: soft top-k settings for the memory routing, in either package's keywords (see
+            `CoordinateDescentRouter`; here the default is the exact soft top-k at eps 1 without straight-through);
+            the query router uses fetch_ratio, eps and straight_through. `random_routing` (both routers score at
+            random, an ablation control; see `TokenScorer`).
         router_momentum: moving-average weight of the query router's statistics.
+        rotary_emb, light_rotary_emb: rotary positions in the heavy and the light branch.
+        branch_norms, null_kv, use_flash_attn: see `TwoBranchAttention` and `RoutedAttentionBase`
+            (colt5-attention's autoregressive attention normalises its input and has a null key/value).
     """
 
     def __init__(
@@ -127,6 +131,11 @@ class CausalRoutedAttention(TwoBranchAttention):
         dropout: float = 0.0,
         router_kwargs: dict[str, Any] | None = None,
         router_momentum: float = 0.05,
+        rotary_emb: bool = True,
+        light_rotary_emb: bool = True,
+        branch_norms: bool = False,
+        null_kv: bool = False,
+        use_flash_attn: bool | None = None,
     ):
         super().__init__(
             dim,
@@ -142,26 +151,38 @@ class CausalRoutedAttention(TwoBranchAttention):
             learned_unrouted_output=learned_unrouted_output,
             rotary_theta=rotary_theta,
             dropout=dropout,
+            light_rotary=light_rotary_emb,
+            heavy_rotary=rotary_emb,
+            branch_norms=branch_norms,
+            null_kv=null_kv,
+            use_flash_attn=use_flash_attn,
         )
         for name, value in (("memory_size", memory_size), ("block_size", block_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-        router_kwargs = dict(router_kwargs or {})
+        # colt5's causal default: the exact soft top-k (or, with iterations, a constant eps) at eps 1, without
+        # straight-through.
+        router_kwargs = {"n_iters": None, "eps": 1.0, "straight_through": False, **(router_kwargs or {})}
+        router_kwargs = with_default_schedule(router_kwargs, (router_kwargs["eps"], 1.0))
         if router_kwargs.pop("route_block_size", None) is not None:
             raise ValueError("route_block_size does not apply to causal attention: its memory is routed per block.")
-        random_routing = router_kwargs.pop("random_routing", False)
-        self.memory_route_kwargs = router_kwargs
+        cosine = router_kwargs.pop("cosine_sim_routing", False)
+        cosine_scale = router_kwargs.pop("cosine_sim_scale", 8.0)
+        scoring = dict(
+            random_routing=router_kwargs.pop("random_routing", False), cosine_sim_scale=cosine_scale if cosine else None
+        )
+        self.memory_route_kwargs = route_settings(**router_kwargs)
         self.memory_size, self.block_size = memory_size, block_size
         self.q_router = ThresholdRouter(
             dim,
             routed_query_fraction,
-            fetch_ratio=router_kwargs.get("fetch_ratio", 9 / 8),
-            eps=router_kwargs.get("eps", 1.0),
-            straight_through=router_kwargs.get("straight_through", False),
+            fetch_ratio=self.memory_route_kwargs["fetch_ratio"],
+            eps=self.memory_route_kwargs["eps"],
+            straight_through=self.memory_route_kwargs["straight_through"],
             momentum=router_momentum,
-            random_routing=random_routing,
+            **scoring,
         )
-        self.kv_router = TokenScorer(dim, num_routed_kv, batch_invariant=True, random_routing=random_routing)
+        self.kv_router = TokenScorer(dim, num_routed_kv, batch_invariant=True, **scoring)
 
     def forward(
         self,
@@ -222,18 +243,21 @@ class CausalRoutedAttention(TwoBranchAttention):
     def _keys_values(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotated heavy keys and values of every token: `(batch, sets, n, heads_per_set * head_dim)` each."""
         split = "b n (s h e) -> b n s h e"
-        keys, values = project(x, self.heavy_k_proj, self.heavy_v_proj)
+        keys, values = project(self._heavy_input(x), self.heavy_k_proj, self.heavy_v_proj)
         keys = rearrange(keys, split, s=self.num_routed_kv, h=self.heads_per_set)
-        cos, sin = self.heavy_rotary(position_ids[:, :, None, None], keys.dtype)
-        keys = rearrange(apply_rotary(keys, cos, sin), "b n s h e -> b s n (h e)")
+        if self.heavy_rotary is not None:
+            cos, sin = self.heavy_rotary(position_ids[:, :, None, None], keys.dtype)
+            keys = apply_rotary(keys, cos, sin)
+        keys = rearrange(keys, "b n s h e -> b s n (h e)")
         return keys, rearrange(values, "b n (s f) -> b s n f", s=self.num_routed_kv)
 
     def _routed_queries(self, x: torch.Tensor, tokens: torch.Tensor, position_ids: torch.Tensor, weights):
         """Heavy queries of the tokens at `(batch, m)` indices -> `(batch, heads, m, head_dim)`."""
-        chosen = x.gather(1, tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        chosen = self._heavy_input(x.gather(1, tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1])))
         q = rearrange(self.heavy_q_proj(chosen), "b m (h e) -> b h m e", h=self.heavy_heads)
-        cos, sin = self.heavy_rotary(position_ids.gather(1, tokens).unsqueeze(1), q.dtype)
-        q = apply_rotary(q, cos, sin)
+        if self.heavy_rotary is not None:
+            cos, sin = self.heavy_rotary(position_ids.gather(1, tokens).unsqueeze(1), q.dtype)
+            q = apply_rotary(q, cos, sin)
         if self.multiply_queries_by_score:
             q = q * weights.to(q.dtype).unsqueeze(1).unsqueeze(-1)
         return q
@@ -252,8 +276,10 @@ class CausalRoutedAttention(TwoBranchAttention):
         # Query slots left empty (no routed token) have nothing to attend to: let them see everything, unused.
         allowed = allowed | ~allowed.any(-1, keepdim=True)
         allowed = allowed.repeat_interleave(self.heads_per_set, dim=1) if self.num_routed_kv > 1 else allowed
+        keys, values, allowed = self._with_null_kv(keys, values, allowed)
         # A mask that differs per query: the memory-efficient kernel's backward pass is 7x slower than cuDNN's here.
-        out = masked_sdpa(q, keys, values, allowed, self.dropout if self.training else 0.0, prefer_cudnn=True)
+        dropout = self.dropout if self.training else 0.0
+        out = masked_sdpa(q, keys, values, allowed, dropout, prefer_cudnn=True, math_only=self.math_attention)
         return rearrange(out, "r h m e -> r m (h e)")
 
     def _heavy_full(self, x: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor, keep_state: bool):
@@ -428,6 +454,7 @@ class CausalRoutedAttention(TwoBranchAttention):
 
         gate = self.q_router(x)
         q = self._routed_queries(x, torch.zeros_like(position_ids), position_ids, gate.weights)
-        heavy = masked_sdpa(q, state.heavy_keys, state.heavy_values, state.heavy_mask.unsqueeze(2))
+        keys, values, allowed = self._with_null_kv(state.heavy_keys, state.heavy_values, state.heavy_mask.unsqueeze(2))
+        heavy = masked_sdpa(q, keys, values, allowed, math_only=self.math_attention)
         heavy = self.heavy_o_proj(rearrange(heavy, "b h n e -> b n (h e)")) * gate.weights.to(x.dtype).unsqueeze(-1)
         return light + heavy + self._unrouted(gate.routed, x.dtype)

@@ -74,6 +74,7 @@ class ThresholdRouter(TokenScorer):
         straight_through: weights are 1 in the forward pass and carry the gradient of the soft weight backward.
         momentum: weight of each training batch in the moving averages of threshold and shift.
         random_routing: route by random scores, an ablation control (see `TokenScorer`).
+        cosine_sim_scale: score by cosine similarity times this scale (see `TokenScorer`).
     """
 
     def __init__(
@@ -86,8 +87,9 @@ class ThresholdRouter(TokenScorer):
         straight_through: bool = False,
         momentum: float = 0.05,
         random_routing: bool = False,
+        cosine_sim_scale: float | None = None,
     ):
-        super().__init__(dim, 1, batch_invariant=True, random_routing=random_routing)
+        super().__init__(dim, 1, batch_invariant=True, random_routing=random_routing, cosine_sim_scale=cosine_sim_scale)
         if isinstance(fraction, bool) or not isinstance(fraction, float) or not 0 < fraction <= 1:
             raise ValueError(
                 f"A causal router routes a fraction of the tokens, a float in (0, 1]; got {fraction!r}."
@@ -147,6 +149,10 @@ class ThresholdRouter(TokenScorer):
         if pool.numel() == 0:
             return None
         return gate_statistics(pool, self.fraction, fetch_ratio=self.fetch_ratio, eps=self.eps)
+
+    def discard_pending_statistics(self) -> None:
+        """Forget the statistics of the last training call (one whose scores must not move the running ones)."""
+        self._pending_statistics = None
 
     @torch.no_grad()
     def _apply_pending_statistics(self) -> None:

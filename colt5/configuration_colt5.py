@@ -231,7 +231,8 @@ class CoLT5Config(PreTrainedConfig):
             fetch_ratio=self.router_fetch_ratio,
             eps=self.router_eps,
             n_iters=self.router_iterations,
-            eps_schedule=self.router_eps_schedule,
+            # Without a schedule a constant eps, not the routers' default eps-scaling from 4.0 (colt5-attention's).
+            eps_schedule=self.router_eps_schedule or (self.router_eps, 1.0),
             straight_through=self.router_straight_through,
             route_block_size=self.route_block_size,
             backend=self.router_backend,

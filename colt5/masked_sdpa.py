@@ -26,6 +26,7 @@ def masked_sdpa(
     dropout: float = 0.0,
     *,
     prefer_cudnn: bool = False,
+    math_only: bool = False,
 ) -> torch.Tensor:
     """`F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)`, by default without the cuDNN
     backend.
@@ -37,7 +38,11 @@ def masked_sdpa(
         dropout: attention-probability dropout (pass 0 in evaluation).
         prefer_cudnn: try cuDNN first (it takes bf16/fp16 only; other inputs go to the other kernels). For callers
             whose shapes repeat: each new shape costs cuDNN a graph build.
+        math_only: SDPA's plain math kernel only (colt5-attention's `use_flash_attn=False`).
     """
+    if math_only:
+        with sdpa_kernel([SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     if prefer_cudnn:
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, *_BACKENDS], set_priority=True):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)

@@ -36,7 +36,6 @@ def _block_kwargs(config: CoLT5Config) -> dict:
         attention_dropout=config.attention_dropout,
         light_heads=config.light_num_heads,
         light_dim_head=config.light_head_dim,
-        light_window_size=config.light_window_size,
         heavy_heads=config.heavy_num_heads,
         heavy_dim_head=config.heavy_head_dim,
         num_routed_kv=config.num_kv_routing_sets,
@@ -58,6 +57,11 @@ class CoLT5Layer(ConditionalRoutedTransformerBlock, GradientCheckpointingLayer):
             num_heavy_tokens_kv=config.routed_kv_tokens,
             num_heavy_ff_tokens=config.routed_ff_tokens,
             router_kwargs=config.router_kwargs(),
+            # The layer's window is the whole window, light_window_size // 2 tokens on each side (colt5-attention's
+            # meaning); the config's light_window_size counts the tokens on each side.
+            light_window_size=2 * config.light_window_size,
+            rotary_emb=True,
+            branch_norms=False,
             **_block_kwargs(config),
         )
         self.layer_idx = layer_idx
@@ -75,6 +79,7 @@ class CoLT5CausalLayer(CausalRoutedTransformerBlock, GradientCheckpointingLayer)
             block_size=config.causal_block_size,
             router_kwargs={k: v for k, v in config.router_kwargs().items() if k != "route_block_size"},
             router_momentum=config.causal_router_momentum,
+            light_window_size=config.light_window_size,
             **_block_kwargs(config),
         )
         self.layer_idx = layer_idx

@@ -23,8 +23,17 @@ from torch import nn
 
 from .masked_sdpa import masked_sdpa
 from .rotary import RotaryEmbedding, apply_rotary
-from .router import CoordinateDescentRouter, RouterOutput, gather_tokens, scatter_tokens, validate_amount
+from .router import (
+    CoordinateDescentRouter,
+    RouterOutput,
+    call_amount,
+    gather_tokens,
+    router_layer_kwargs,
+    scatter_tokens,
+    validate_amount,
+)
 from .sliding_window import FLEX_MIN_HEAD_DIM, flex_sliding_window_attention, sliding_window_attention
+from .spellings import one_spelling
 
 
 def project(x: torch.Tensor, *projections: nn.Linear) -> tuple[torch.Tensor, ...]:
@@ -66,9 +75,14 @@ class RoutedAttentionBase(nn.Module):
         num_routed_kv: key/value routing sets.
         multiply_keys_by_score, multiply_queries_by_score, learned_unrouted_output: routing options (see
             `ConditionalRoutedAttention`).
-        rotary_theta: rotary base; None for no position information in the heavy branch (cross attention).
+        rotary_theta: rotary base; None for no position information in the heavy branch.
         rotary_axes: position axes (1 for sequences, 2 for images).
         dropout: attention-probability dropout.
+        heavy_norm: an RMSNorm before the heavy projections (of the routed queries and of the routed context
+            tokens; one norm for both when the context is as wide as x), as colt5-attention places it.
+        null_kv: a learned key/value pair per heavy head that every query may attend to (colt5-attention's).
+        use_flash_attn: False runs the heavy attention on SDPA's math kernel; True or None let SDPA pick its
+            fastest kernel (flash attention where the inputs allow).
     """
 
     def __init__(
@@ -85,6 +99,9 @@ class RoutedAttentionBase(nn.Module):
         rotary_theta: float | None,
         rotary_axes: int = 1,
         dropout: float,
+        heavy_norm: bool = False,
+        null_kv: bool = False,
+        use_flash_attn: bool | None = None,
     ):
         super().__init__()
         if heavy_heads % num_routed_kv:
@@ -98,14 +115,34 @@ class RoutedAttentionBase(nn.Module):
         self.multiply_keys_by_score = multiply_keys_by_score
         self.multiply_queries_by_score = multiply_queries_by_score
         self.dropout = dropout
+        self.math_attention = use_flash_attn is False
 
         heavy_inner = heavy_heads * heavy_dim_head
+        self.heavy_norm = nn.RMSNorm(dim) if heavy_norm else None
+        self.heavy_context_norm = nn.RMSNorm(context_dim) if heavy_norm and context_dim != dim else None
+        self.heavy_null_kv = nn.Parameter(torch.randn(2, heavy_heads, heavy_dim_head)) if null_kv else None
         self.heavy_q_proj = nn.Linear(dim, heavy_inner, bias=False)
         self.heavy_k_proj = nn.Linear(context_dim, heavy_inner, bias=False)
         self.heavy_v_proj = nn.Linear(context_dim, heavy_inner, bias=False)
         self.heavy_o_proj = nn.Linear(heavy_inner, dim, bias=False)
         self.heavy_rotary = None if rotary_theta is None else RotaryEmbedding(heavy_dim_head, rotary_theta, rotary_axes)
         self.unrouted_output = nn.Parameter(torch.zeros(dim)) if learned_unrouted_output else None
+
+    def _heavy_input(self, tokens: torch.Tensor, context: bool = False) -> torch.Tensor:
+        """`(..., width)` tokens about to be projected by the heavy branch, normalised where it has a norm."""
+        norm = self.heavy_context_norm if context and self.heavy_context_norm is not None else self.heavy_norm
+        return tokens if norm is None else norm(tokens)
+
+    def _with_null_kv(
+        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Prepend the learned null key/value (if any) to `(rows, heavy_heads, slots, head_dim)` keys and values,
+        and an always-allowed slot to a `(rows, heads, queries, slots)`-broadcastable mask."""
+        if self.heavy_null_kv is None:
+            return k, v, mask
+        null_k, null_v = (t.to(k.dtype)[None, :, None].expand(k.shape[0], -1, 1, -1) for t in self.heavy_null_kv)
+        mask = None if mask is None else F.pad(mask, (1, 0), value=True)
+        return torch.cat((null_k, k), dim=2), torch.cat((null_v, v), dim=2), mask
 
     def _unrouted(self, routed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
         """The learned heavy output of the tokens not routed (`routed` `(batch, n)` bool), or 0 without one."""
@@ -150,9 +187,9 @@ class RoutedAttentionBase(nn.Module):
         q_indices, q_weights = routed_q.indices[:, 0], routed_q.weights[:, 0].to(x.dtype)
         kv_weights = routed_kv.weights.to(context.dtype).repeat_interleave(heads_per_set, dim=1).unsqueeze(-1)
 
-        q = self.heavy_q_proj(gather_tokens(x, routed_q.indices)[:, 0])
+        q = self.heavy_q_proj(self._heavy_input(gather_tokens(x, routed_q.indices)[:, 0]))
         q = rearrange(q, "b n (h e) -> b h n e", h=self.heavy_heads)
-        kv_tokens = gather_tokens(context, routed_kv.indices)
+        kv_tokens = self._heavy_input(gather_tokens(context, routed_kv.indices), context=True)
         k = self._project_routed_kv(kv_tokens, self.heavy_k_proj)
         v = self._project_routed_kv(kv_tokens, self.heavy_v_proj) * kv_weights
         if self.multiply_keys_by_score:
@@ -172,7 +209,9 @@ class RoutedAttentionBase(nn.Module):
             kv_mask = kv_mask.repeat_interleave(heads_per_set, dim=1).unsqueeze(2)
         else:
             kv_mask = None  # every slot is filled: no mask lets SDPA use its flash kernel
-        out = masked_sdpa(q, k, v, kv_mask, self.dropout if self.training else 0.0)
+        k, v, kv_mask = self._with_null_kv(k, v, kv_mask)
+        dropout = self.dropout if self.training else 0.0
+        out = masked_sdpa(q, k, v, kv_mask, dropout, math_only=self.math_attention)
         out = self.heavy_o_proj(rearrange(out, "b h n e -> b n (h e)")) * q_weights.unsqueeze(-1)
         heavy = scatter_tokens(out, q_indices, length)
         if self.unrouted_output is not None:
@@ -186,6 +225,11 @@ class RoutedAttentionBase(nn.Module):
 class TwoBranchAttention(RoutedAttentionBase):
     """What the encoder and causal routed attention over sequences share: the light branch (local attention, few
     heads) and the heavy branch's projections, rotary embeddings from absolute positions. Subclasses add routers.
+
+    `light_window_size` here is the number of tokens a token sees on each side (before it, in causal attention).
+    `branch_norms` puts a LayerNorm before the light branch and an RMSNorm before the heavy projections, as
+    colt5-attention's layers normalise their own input; `light_rotary` and `heavy_rotary` give each branch rotary
+    positions (base `rotary_theta`); `has_light_attn=False` leaves the light branch out.
     """
 
     def __init__(
@@ -204,6 +248,12 @@ class TwoBranchAttention(RoutedAttentionBase):
         learned_unrouted_output: bool,
         rotary_theta: float,
         dropout: float,
+        light_rotary: bool = True,
+        heavy_rotary: bool = True,
+        branch_norms: bool = False,
+        null_kv: bool = False,
+        use_flash_attn: bool | None = None,
+        has_light_attn: bool = True,
     ):
         super().__init__(
             dim,
@@ -213,16 +263,23 @@ class TwoBranchAttention(RoutedAttentionBase):
             multiply_keys_by_score=multiply_keys_by_score,
             multiply_queries_by_score=multiply_queries_by_score,
             learned_unrouted_output=learned_unrouted_output,
-            rotary_theta=rotary_theta,
+            rotary_theta=rotary_theta if heavy_rotary else None,
             dropout=dropout,
+            heavy_norm=branch_norms,
+            null_kv=null_kv,
+            use_flash_attn=use_flash_attn,
         )
         self.light_heads = light_heads
+        self.light_window_size = light_window_size
+        self.causal = causal
+        self.has_light_attn = has_light_attn
+        if not has_light_attn:
+            return
+        self.light_norm = nn.LayerNorm(dim) if branch_norms else None
         self.light_q_proj, self.light_k_proj, self.light_v_proj, self.light_o_proj = light_projections(
             dim, light_heads, light_dim_head
         )
-        self.light_rotary = RotaryEmbedding(light_dim_head, rotary_theta)
-        self.light_window_size = light_window_size
-        self.causal = causal
+        self.light_rotary = RotaryEmbedding(light_dim_head, rotary_theta) if light_rotary else None
         self.local_attention = LocalAttention(
             window_size=light_window_size,
             causal=causal,
@@ -235,11 +292,16 @@ class TwoBranchAttention(RoutedAttentionBase):
         )
 
     def _light_qkv(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Light-branch queries, keys (both rotated) and values, `(batch, light_heads, n, head_dim)` each."""
+        """Light-branch queries, keys (both rotated, if the branch has positions) and values, `(batch, light_heads,
+        n, head_dim)` each."""
+        if self.light_norm is not None:
+            x = self.light_norm(x)
         q, k, v = (
             rearrange(t, "b n (h e) -> b h n e", h=self.light_heads)
             for t in project(x, self.light_q_proj, self.light_k_proj, self.light_v_proj)
         )
+        if self.light_rotary is None:
+            return q, k, v
         cos, sin = self.light_rotary(position_ids.unsqueeze(1), q.dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
@@ -264,23 +326,38 @@ class TwoBranchAttention(RoutedAttentionBase):
 class ConditionalRoutedAttention(TwoBranchAttention):
     """Routed attention layer (CoLT5 section 3.2).
 
+    Takes colt5-attention's keywords with its defaults, and colt5's own (the second name of a pair below).
+
     Args:
         dim: model width.
         num_heavy_tokens_q: routed queries, int count or float fraction of each sample's valid length.
         num_heavy_tokens_kv: routed keys/values per routing set, same convention.
-        light_heads, light_dim_head: light branch heads and head width.
-        light_window_size: each token attends to this many tokens on each side in the light branch.
-        heavy_heads, heavy_dim_head: heavy branch heads and head width.
         num_routed_kv: key/value routing sets; heavy heads are split evenly among them.
+        has_light_attn: whether there is a light branch.
+        light_heads, light_dim_head: light branch heads and head width.
+        light_window_size: the light branch's window: each token attends to the `light_window_size // 2` tokens on
+            each side of it (and itself), as in colt5-attention.
+        heavy_heads, heavy_dim_head: heavy branch heads and head width.
+        router_straight_through: the routers' weights are 1 in the forward pass (gradient of the soft weight
+            backward); also `router_kwargs["straight_through"]`.
+        router_kwargs: settings of both `CoordinateDescentRouter`s, in either package's keywords (n_iters, eps,
+            eps_init, eps_decay, fetch_k_ratio, route_block_size, cosine_sim_routing, ...; fetch_ratio,
+            eps_schedule, backend, random_routing).
+        router_type: colt5-attention's (up to 0.5): "coor_descent", the only router here.
         multiply_keys_by_score: scale routed keys by their router weight too (values always are): with it the
             heavy branch sees `lambda_kv * x_kv` exactly as in the paper.
         multiply_queries_by_score: also scale routed queries by their weight (the output always is).
-        learned_unrouted_output: add a learned vector to the heavy output of queries that were not routed.
-        rotary_theta: base of the rotary embeddings (absolute positions, both branches).
+        use_triton: the routers' Triton kernels on CUDA (PyTorch elsewhere) when True, PyTorch when False; default:
+            Triton on CUDA.
+        use_null_q_tokens, learned_unrouted_output: a learned heavy output for queries that are not routed.
+        use_flash_attn: see `RoutedAttentionBase`.
+        rotary_emb: rotary positions in the heavy branch; light_rotary_emb: in the light branch (colt5's; the
+            light branch of colt5-attention has no positions). Base `rotary_theta`, from `position_ids`.
+        branch_norms: each branch normalises its input (LayerNorm before the light branch, RMSNorm before the heavy
+            projections; the routers see the input itself), as colt5-attention's layers do. False where a block
+            normalises before the layer (CoLT5Config's models).
+        null_kv: a learned null key/value per heavy head (colt5-attention's heavy attention has one).
         dropout: attention-probability dropout in both branches.
-        router_kwargs: settings of the `CoordinateDescentRouter`s: soft top-k (fetch_ratio, eps, n_iters,
-            eps_schedule, straight_through, backend), `route_block_size` (route evenly over blocks of tokens) and
-            `random_routing` (random scores, an ablation control).
     """
 
     def __init__(
@@ -289,57 +366,101 @@ class ConditionalRoutedAttention(TwoBranchAttention):
         *,
         num_heavy_tokens_q: int | float,
         num_heavy_tokens_kv: int | float,
-        light_heads: int = 4,
-        light_dim_head: int = 64,
-        light_window_size: int = 127,
-        heavy_heads: int = 8,
-        heavy_dim_head: int = 64,
         num_routed_kv: int = 1,
-        multiply_keys_by_score: bool = True,
-        multiply_queries_by_score: bool = False,
-        learned_unrouted_output: bool = False,
-        rotary_theta: float = 10000.0,
-        dropout: float = 0.0,
+        has_light_attn: bool = True,
+        light_dim_head: int = 64,
+        light_heads: int = 8,
+        light_window_size: int = 128,
+        heavy_dim_head: int = 64,
+        heavy_heads: int = 8,
+        router_straight_through: bool | None = None,
         router_kwargs: dict[str, Any] | None = None,
+        router_type: str = "coor_descent",
+        multiply_keys_by_score: bool = False,
+        multiply_queries_by_score: bool = False,
+        use_triton: bool | None = None,
+        use_null_q_tokens: bool | None = None,
+        use_flash_attn: bool | None = None,
+        rotary_emb: bool = False,
+        learned_unrouted_output: bool | None = None,
+        light_rotary_emb: bool = True,
+        rotary_theta: float = 10000.0,
+        branch_norms: bool = True,
+        null_kv: bool = False,
+        dropout: float = 0.0,
     ):
+        window_ok = isinstance(light_window_size, int) and not isinstance(light_window_size, bool) and light_window_size >= 2
+        if has_light_attn and not window_ok:
+            raise ValueError(
+                f"light_window_size must be an int >= 2 (the window: light_window_size // 2 tokens on each side), "
+                f"got {light_window_size!r}."
+            )
         super().__init__(
             dim,
             causal=False,
             light_heads=light_heads,
             light_dim_head=light_dim_head,
-            light_window_size=light_window_size,
+            light_window_size=light_window_size // 2,
             heavy_heads=heavy_heads,
             heavy_dim_head=heavy_dim_head,
             num_routed_kv=num_routed_kv,
             multiply_keys_by_score=multiply_keys_by_score,
             multiply_queries_by_score=multiply_queries_by_score,
-            learned_unrouted_output=learned_unrouted_output,
+            learned_unrouted_output=one_spelling(
+                True, use_null_q_tokens=use_null_q_tokens, learned_unrouted_output=learned_unrouted_output
+            ),
             rotary_theta=rotary_theta,
             dropout=dropout,
+            light_rotary=light_rotary_emb,
+            heavy_rotary=rotary_emb,
+            branch_norms=branch_norms,
+            null_kv=null_kv,
+            use_flash_attn=use_flash_attn,
+            has_light_attn=has_light_attn,
         )
         validate_amount("num_heavy_tokens_q", num_heavy_tokens_q)
         validate_amount("num_heavy_tokens_kv", num_heavy_tokens_kv)
         self.num_heavy_tokens_q = num_heavy_tokens_q
         self.num_heavy_tokens_kv = num_heavy_tokens_kv
-        self.q_router = CoordinateDescentRouter(dim, 1, **(router_kwargs or {}))
-        self.kv_router = CoordinateDescentRouter(dim, num_routed_kv, **(router_kwargs or {}))
+        router = router_layer_kwargs(router_kwargs, router_straight_through, use_triton, router_type)
+        self.q_router = CoordinateDescentRouter(dim, num_sets=1, **router)
+        self.kv_router = CoordinateDescentRouter(dim, num_sets=num_routed_kv, **router)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        *,
+        num_heavy_tokens_q: int | float | None = None,
+        num_heavy_tokens_kv: int | float | None = None,
     ) -> torch.Tensor:
         """`x` `(batch, n, dim)`, `mask` `(batch, n)` bool (False = padding), `position_ids` `(batch, n)`
-        (default 0..n-1) -> `(batch, n, dim)`."""
+        (default 0..n-1) -> `(batch, n, dim)`. `num_heavy_tokens_q` / `_kv` override the layer's amounts for
+        this call."""
         batch, length, _ = x.shape
         if position_ids is None:
             position_ids = torch.arange(length, device=x.device).expand(batch, length)
-        return self._light(x, mask, position_ids) + self._heavy(x, mask, position_ids)
+        amount_q = call_amount("num_heavy_tokens_q", num_heavy_tokens_q, self.num_heavy_tokens_q)
+        amount_kv = call_amount("num_heavy_tokens_kv", num_heavy_tokens_kv, self.num_heavy_tokens_kv)
+        # The light branch first: with attention dropout, the order fixes which random numbers each branch draws.
+        light = self._light(x, mask, position_ids) if self.has_light_attn else 0.0
+        return light + self._heavy(x, mask, position_ids, amount_q, amount_kv)
 
     def _light(self, x: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor) -> torch.Tensor:
         q, k, v = self._light_qkv(x, position_ids)
         out = self._local_attention(q, k, v, mask)
         return self.light_o_proj(rearrange(out, "b h n e -> b n (h e)"))
 
-    def _heavy(self, x: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor) -> torch.Tensor:
-        routed_q = self.q_router(x, self.num_heavy_tokens_q, mask)
-        routed_kv = self.kv_router(x, self.num_heavy_tokens_kv, mask)
+    def _heavy(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        amount_q: int | float | None = None,
+        amount_kv: int | float | None = None,
+    ) -> torch.Tensor:
+        """The heavy branch; the amounts default to the layer's."""
+        routed_q = self.q_router(x, self.num_heavy_tokens_q if amount_q is None else amount_q, mask)
+        routed_kv = self.kv_router(x, self.num_heavy_tokens_kv if amount_kv is None else amount_kv, mask)
         return self._routed_heavy(x, routed_q, x, routed_kv, mask is not None, position_ids, position_ids)

@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from .causal_router import ThresholdRouter
-from .router import CoordinateDescentRouter, gather_tokens, scatter_tokens, validate_amount
+from .router import (
+    CoordinateDescentRouter,
+    call_amount,
+    gather_tokens,
+    router_layer_kwargs,
+    scatter_tokens,
+    validate_amount,
+)
 
 
 class GatedMLP(nn.Module):
@@ -34,16 +41,53 @@ class GatedMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class GeluMLP(nn.Module):
+    """`down(act(up(x)))` with biases and the exact GELU: colt5-attention's feedforward (without its norm)."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden_dim)
+        self.down_proj = nn.Linear(hidden_dim, dim)
+        self.act_fn = activation if activation is not None else nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`(..., dim)` -> `(..., dim)`."""
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+MLPS = {"gated": GatedMLP, "gelu": GeluMLP}
+
+
+def hidden_width(
+    dim: int, name: str, hidden_dim: int | None, mult_name: str, mult: float | None, default: float
+) -> int:
+    """An MLP's width from colt5's `hidden_dim` or colt5-attention's multiple of `dim` (`int(dim * mult)`)."""
+    if hidden_dim is not None and mult is not None:
+        raise ValueError(f"{name} and {mult_name} both set the MLP's width: pass one of them.")
+    width = hidden_dim if hidden_dim is not None else int(dim * (default if mult is None else mult))
+    if width < 1:
+        raise ValueError(f"The MLP needs a width >= 1, got {width} ({name}={hidden_dim}, {mult_name}={mult}).")
+    return width
+
+
 class ConditionalRoutedFeedForward(nn.Module):
     """Light MLP on every token, heavy MLP on the routed `num_heavy_tokens` (an int count or a float fraction of
     each sample's valid length), its output scaled by the router weight.
 
+    Takes colt5-attention's keywords with its defaults, and colt5's own.
+
     Args:
         dim: model width.
         num_heavy_tokens: tokens routed to the heavy MLP, int count or float fraction in (0, 1].
-        light_hidden_dim, heavy_hidden_dim: MLP widths (default dim / 2 and 4 * dim, the paper's ratios).
-        activation: the MLPs' activation (default tanh-approximated GELU).
-        router_kwargs: settings of the `CoordinateDescentRouter` (fetch_ratio, eps, n_iters, ..., random_routing).
+        light_ff_mult, heavy_ff_mult: MLP widths as multiples of dim (default 0.5 and 4, the paper's ratios); or
+            light_hidden_dim, heavy_hidden_dim in units.
+        router_straight_through, router_kwargs, use_triton: the `CoordinateDescentRouter`'s settings (see
+            `ConditionalRoutedAttention`).
+        router_type: colt5-attention's (up to 0.5): "coor_descent", the only router here.
+        activation: the MLPs' activation (default: tanh-approximated GELU in the gated MLP, exact GELU in "gelu").
+        mlp: "gated" (`GatedMLP`, bias-free, as T5 v1.1 and Llama) or "gelu" (`GeluMLP`, colt5-attention's).
+        branch_norms: an RMSNorm before each MLP (the router sees the input itself), as colt5-attention's
+            feedforward normalises its own input; False where a block normalises before the layer.
     """
 
     def __init__(
@@ -51,24 +95,46 @@ class ConditionalRoutedFeedForward(nn.Module):
         dim: int,
         *,
         num_heavy_tokens: int | float,
+        light_ff_mult: float | None = None,
+        heavy_ff_mult: float | None = None,
+        router_straight_through: bool | None = None,
+        router_kwargs: dict[str, Any] | None = None,
+        router_type: str = "coor_descent",
+        use_triton: bool | None = None,
         light_hidden_dim: int | None = None,
         heavy_hidden_dim: int | None = None,
         activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        router_kwargs: dict[str, Any] | None = None,
+        mlp: str = "gated",
+        branch_norms: bool = True,
     ):
         super().__init__()
         validate_amount("num_heavy_tokens", num_heavy_tokens)
+        if mlp not in MLPS:
+            raise ValueError(f"mlp must be one of {sorted(MLPS)}, got {mlp!r}.")
         self.num_heavy_tokens = num_heavy_tokens
-        self.light_mlp = GatedMLP(dim, light_hidden_dim or dim // 2, activation)
-        self.heavy_mlp = GatedMLP(dim, heavy_hidden_dim or 4 * dim, activation)
-        self.router = CoordinateDescentRouter(dim, 1, **(router_kwargs or {}))
+        light = hidden_width(dim, "light_hidden_dim", light_hidden_dim, "light_ff_mult", light_ff_mult, 0.5)
+        heavy = hidden_width(dim, "heavy_hidden_dim", heavy_hidden_dim, "heavy_ff_mult", heavy_ff_mult, 4)
+        self.light_norm = nn.RMSNorm(dim) if branch_norms else None
+        self.heavy_norm = nn.RMSNorm(dim) if branch_norms else None
+        self.light_mlp = MLPS[mlp](dim, light, activation)
+        self.heavy_mlp = MLPS[mlp](dim, heavy, activation)
+        router = router_layer_kwargs(router_kwargs, router_straight_through, use_triton, router_type)
+        self.router = CoordinateDescentRouter(dim, num_sets=1, **router)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`x` `(batch, n, dim)`, `mask` `(batch, n)` bool (False = padding) -> `(batch, n, dim)`."""
-        routed = self.router(x, self.num_heavy_tokens, mask)
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, num_heavy_tokens: int | float | None = None
+    ) -> torch.Tensor:
+        """`x` `(batch, n, dim)`, `mask` `(batch, n)` bool (False = padding) -> `(batch, n, dim)`;
+        `num_heavy_tokens` overrides the layer's amount for this call."""
+        amount = call_amount("num_heavy_tokens", num_heavy_tokens, self.num_heavy_tokens)
+        routed = self.router(x, amount, mask)
         indices, weights = routed.indices[:, 0], routed.weights[:, 0]
-        heavy = self.heavy_mlp(gather_tokens(x, routed.indices)[:, 0]) * weights.unsqueeze(-1).to(x.dtype)
-        return self.light_mlp(x) + scatter_tokens(heavy, indices, x.shape[1])
+        light_x = x if self.light_norm is None else self.light_norm(x)
+        heavy_x = gather_tokens(x, routed.indices)[:, 0]
+        if self.heavy_norm is not None:
+            heavy_x = self.heavy_norm(heavy_x)
+        heavy = self.heavy_mlp(heavy_x) * weights.unsqueeze(-1).to(x.dtype)
+        return self.light_mlp(light_x) + scatter_tokens(heavy, indices, x.shape[1])
 
 
 class CausalRoutedFeedForward(nn.Module):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from .soft_topk import soft_topk
+from .soft_topk import reference_eps_schedule, soft_topk
+from .spellings import one_spelling, reject
 
 
 class RouterOutput(NamedTuple):
@@ -42,6 +43,14 @@ def validate_amount(name: str, amount: int | float) -> None:
             f"{name} as a fraction of the sequence must be in (0, 1], got {amount}; "
             "pass an int for a fixed number of tokens."
         )
+
+
+def call_amount(name: str, override: int | float | None, amount: int | float) -> int | float:
+    """The amount to route in one call: a layer's `amount`, or the `override` passed for this call (validated)."""
+    if override is None:
+        return amount
+    validate_amount(name, override)
+    return override
 
 
 def routed_amount(amount: int | float, length: int | torch.Tensor) -> int | torch.Tensor:
@@ -182,7 +191,8 @@ class TokenScorer(nn.Module):
     """Scores tokens with `num_sets` learned routing vectors.
 
     Scores are computed in float32 (float64 inputs stay float64), also under autocast, since the soft top-k
-    needs the precision.
+    needs the precision. With `cosine_sim_scale` a score is the cosine similarity of token and vector times that
+    scale (colt5-attention's `cosine_sim_routing`), else their dot product.
 
     With `random_routing` the scores are fresh standard-normal draws on every call instead, which say nothing
     about the tokens: an ablation control for learned routing. Draws follow torch's random number generator
@@ -191,26 +201,38 @@ class TokenScorer(nn.Module):
     learned scores. The routing vectors then get no gradient.
     """
 
-    def __init__(self, dim: int, num_sets: int = 1, *, batch_invariant: bool = False, random_routing: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        num_sets: int = 1,
+        *,
+        batch_invariant: bool = False,
+        random_routing: bool = False,
+        cosine_sim_scale: float | None = None,
+    ):
         super().__init__()
         self.routing_vectors = nn.Parameter(torch.randn(num_sets, dim) * dim**-0.5)
         self.batch_invariant = batch_invariant
         self.random_routing = random_routing
+        self.cosine_sim_scale = cosine_sim_scale
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """`(batch, n, dim)` tokens -> `(batch, sets, n)` scores.
+    def scores(self, x: torch.Tensor, random: bool = False) -> torch.Tensor:
+        """`(batch, n, dim)` tokens -> `(batch, sets, n)` scores (random ones with `random` or `random_routing`).
 
         With `batch_invariant`, float32 scores are summed in float64 and rounded: a token then gets the same bits
         whether it is scored alone (decoding) or with others (a full forward pass, whose matmul sums in another
         order), which keeps ties between equal tokens broken alike in both.
         """
-        if self.random_routing:
+        if self.random_routing or random:
             batch, length, _ = x.shape
             dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
             return torch.randn(batch, self.routing_vectors.shape[0], length, device=x.device, dtype=dtype)
         dtype = torch.float64 if x.dtype == torch.float64 or self.batch_invariant else torch.float32
         with torch.autocast(device_type=x.device.type, enabled=False):
             vectors = self.routing_vectors.to(dtype)
+            if self.cosine_sim_scale is not None:
+                x = nn.functional.normalize(x, dim=-1)
+                vectors = nn.functional.normalize(vectors, dim=-1) * self.cosine_sim_scale
             if x.dtype == dtype:
                 scores = x @ vectors.T
             else:
@@ -257,43 +279,272 @@ class _WideScores(torch.autograd.Function):
         return x.split(tokens, dim=1)
 
 
+class RouterReturn(NamedTuple):
+    """What `CoordinateDescentRouter` returns when called with colt5-attention's `num_tokens=` (its layout: the
+    set axis only with several routing sets or `keep_one_route_dim`).
+
+    indices: `(batch, [sets,] k)` positions, sorted by position; None when the sequence has at most `num_tokens`
+        tokens (then every token is routed, as in colt5-attention).
+    scores: `(batch, [sets,] k)` the routed tokens' weights (`(batch, [sets,] n)` ones when nothing was routed).
+    routed_tokens: `(batch, [sets,] k, dim)` the routed tokens (the input itself when nothing was routed).
+    routed_mask: `(batch, [sets,] k)` bool, False for slots left empty (None without a mask).
+    """
+
+    indices: torch.Tensor | None
+    scores: torch.Tensor
+    routed_tokens: torch.Tensor
+    routed_mask: torch.Tensor | None
+
+
+def _eps_schedule(
+    n_iters: int | None,
+    eps: float,
+    eps_schedule: Sequence[float] | None,
+    eps_init: float | None,
+    eps_decay: float | None,
+) -> tuple[float, float] | None:
+    """One eps schedule from colt5's `eps_schedule=(start, decay)` or colt5-attention's `eps_init`/`eps_decay`
+    (each defaulting to colt5-attention's 4.0 and 0.7 when the other is given, or both with iterations). None means
+    a constant eps; `eps_schedule=(eps, 1.0)` asks for one."""
+    if eps_schedule is not None and (eps_init is not None or eps_decay is not None):
+        raise ValueError(
+            "eps_schedule=(start, decay) and eps_init/eps_decay name the same schedule: pass one spelling."
+        )
+    if eps_schedule is not None:
+        eps_init, eps_decay = eps_schedule
+    elif eps_init is None and eps_decay is None and n_iters is None:
+        return None
+    else:  # colt5-attention's defaults for what is not given
+        eps_init = 4.0 if eps_init is None else eps_init
+        eps_decay = 0.7 if eps_decay is None else eps_decay
+    schedule = reference_eps_schedule(eps, eps_init, eps_decay)
+    if schedule is not None and n_iters is None:
+        raise ValueError(
+            f"An eps schedule (start {schedule[0]}, decay {schedule[1]}) needs iterations: set n_iters, or leave "
+            "eps_init, eps_decay and eps_schedule unset for the exact soft top-k (n_iters=None)."
+        )
+    return schedule
+
+
+def _backend(backend: str | None, use_triton: bool | None) -> str:
+    """colt5's `backend` from it or from colt5-attention's `use_triton` (True: Triton on CUDA and PyTorch on other
+    devices, never an error; False: PyTorch)."""
+    if backend is not None and use_triton is not None and (backend == "torch") == bool(use_triton):
+        raise ValueError(f"backend={backend!r} and use_triton={use_triton!r} disagree: pass one of them.")
+    if backend is not None:
+        return backend
+    return "auto" if use_triton is None or use_triton else "torch"
+
+
+def route_settings(
+    *,
+    straight_through: bool = True,
+    n_iters: int | None = 20,
+    fetch_ratio: float | None = None,
+    eps: float = 0.03,
+    eps_schedule: Sequence[float] | None = None,
+    route_block_size: int | None = None,
+    backend: str | None = None,
+    fetch_k_ratio: float | None = None,
+    eps_init: float | None = None,
+    eps_decay: float | None = None,
+    use_triton: bool | None = None,
+    learned_routing_tokens: bool = False,
+    triton_checkpoint_segments: int | None = None,
+) -> dict[str, Any]:
+    """`route`'s keyword arguments from soft top-k settings in either package's keywords (see
+    `CoordinateDescentRouter`; the defaults are colt5-attention's)."""
+    reject(
+        "learned_routing_tokens",
+        learned_routing_tokens,
+        False,
+        "the router learns its own routing vectors; routing tokens passed at call time are not supported.",
+    )
+    reject(
+        "triton_checkpoint_segments",
+        triton_checkpoint_segments,
+        None,
+        "the iterative soft top-k's backward pass replays the iterations from O(n + iterations) saved state, "
+        "so there is nothing to checkpoint; remove it.",
+    )
+    fetch_ratio = one_spelling(9 / 8, fetch_ratio=fetch_ratio, fetch_k_ratio=fetch_k_ratio)
+    if fetch_ratio < 1:
+        raise ValueError(f"fetch_ratio must be >= 1, got {fetch_ratio}.")
+    return dict(
+        fetch_ratio=fetch_ratio,
+        eps=eps,
+        n_iters=n_iters,
+        eps_schedule=_eps_schedule(n_iters, eps, eps_schedule, eps_init, eps_decay),
+        straight_through=straight_through,
+        route_block_size=route_block_size,
+        backend=_backend(backend, use_triton),
+    )
+
+
+def with_default_schedule(router_kwargs: dict[str, Any], schedule: tuple[float, float]) -> dict[str, Any]:
+    """`router_kwargs` with `eps_schedule=schedule` unless they set a schedule in either spelling."""
+    if {"eps_schedule", "eps_init", "eps_decay"} & router_kwargs.keys():
+        return router_kwargs
+    return {**router_kwargs, "eps_schedule": schedule}
+
+
+def router_layer_kwargs(
+    router_kwargs: dict[str, Any] | None,
+    straight_through: bool | None = None,
+    use_triton: bool | None = None,
+    router_type: str = "coor_descent",
+) -> dict[str, Any]:
+    """A layer's router settings: its `router_kwargs` (either package's keywords) with the layer-level
+    `router_straight_through` and `use_triton` of colt5-attention folded in; `router_type` (colt5-attention up to
+    0.5) must be its "coor_descent"."""
+    reject(
+        "router_type",
+        router_type,
+        "coor_descent",
+        "the routers use the soft top-k, the fixed point of coordinate descent (router_type='coor_descent'); "
+        "colt5-attention's 'sinkhorn' and 'cum_softmax' routers, which it removed after 0.5, are not here.",
+    )
+    kwargs = dict(router_kwargs or {})
+    if "num_routing_tokens" in kwargs or "num_sets" in kwargs:
+        raise ValueError(
+            "A layer's key/value routing sets are its num_routed_kv (kv_routing_tokens in the cross attention), not "
+            "router_kwargs['num_routing_tokens']: the query router has one set."
+        )
+    for name, value in (("straight_through", straight_through), ("use_triton", use_triton)):
+        resolved = one_spelling(None, **{f"layer's {name}": value, f"router_kwargs['{name}']": kwargs.pop(name, None)})
+        if resolved is not None:
+            kwargs[name] = resolved
+    return kwargs
+
+
 class CoordinateDescentRouter(TokenScorer):
     """Scores tokens with `num_sets` learned vectors and routes each set's top tokens (CoLT5 section 3.1).
 
-    Keyword arguments are those of `route` (fetch_ratio, eps, n_iters, eps_schedule, straight_through,
-    route_block_size, backend) and `random_routing` (see `TokenScorer`).
+    Takes colt5-attention's arguments, in its order and with its defaults (20 iterations of coordinate descent at
+    eps 0.03 with eps-scaling from 4.0 by 0.7 per step, over 9/8 of the amount, straight-through weights), and
+    colt5's, by keyword.
+
+    Args:
+        dim: width of the tokens.
+        num_sets, num_routing_tokens: routing sets (routing vectors), default 1.
+        straight_through: weights are 1 in the forward pass and carry the soft top-k's gradient backward.
+        n_iters: coordinate-descent iterations; None for the exact fixed point (colt5's faster default in
+            CoLT5Config).
+        fetch_ratio, fetch_k_ratio: the soft top-k normalises over this times the amount (default 9/8).
+        eps: the soft top-k's entropy weight (the final one under eps-scaling).
+        eps_schedule: `(start, decay)`: step t uses `max(start * decay**t, eps)`; or colt5-attention's `eps_init`
+            (start) and `eps_decay`.
+        route_block_size: route an equal share from every block of this many tokens.
+        backend: soft top-k kernels, "auto" (Triton on CUDA), "torch" or "triton"; or colt5-attention's
+            `use_triton` (True: "auto", False: "torch").
+        cosine_sim_routing, cosine_sim_scale: score by cosine similarity times the scale (default 8).
+        random_routing: route by random scores, an ablation control (see `TokenScorer`).
+        learned_routing_tokens, triton_checkpoint_segments: colt5-attention's; they have no meaning here and
+            raise an error unless left at their defaults.
     """
 
     def __init__(
         self,
         dim: int,
-        num_sets: int = 1,
-        *,
-        fetch_ratio: float = 9 / 8,
-        eps: float = 1.0,
-        n_iters: int | None = None,
-        eps_schedule: Sequence[float] | None = None,
-        straight_through: bool = False,
+        straight_through: bool = True,
+        n_iters: int | None = 20,
+        fetch_k_ratio: float | None = None,
+        eps: float = 0.03,
+        eps_decay: float | None = None,
+        eps_init: float | None = None,
+        num_routing_tokens: int | None = None,
+        learned_routing_tokens: bool = False,
+        use_triton: bool | None = None,
+        cosine_sim_routing: bool = False,
+        cosine_sim_scale: float = 8.0,
         route_block_size: int | None = None,
-        backend: str = "auto",
+        triton_checkpoint_segments: int | None = None,
+        *,
+        num_sets: int | None = None,
+        fetch_ratio: float | None = None,
+        eps_schedule: Sequence[float] | None = None,
+        backend: str | None = None,
         random_routing: bool = False,
     ):
-        super().__init__(dim, num_sets, random_routing=random_routing)
-        if fetch_ratio < 1:
-            raise ValueError(f"fetch_ratio must be >= 1, got {fetch_ratio}.")
-        self.route_kwargs = dict(
+        num_sets = one_spelling(1, num_sets=num_sets, num_routing_tokens=num_routing_tokens)
+        cosine_sim_scale = cosine_sim_scale if cosine_sim_routing else None
+        super().__init__(dim, num_sets, random_routing=random_routing, cosine_sim_scale=cosine_sim_scale)
+        self.route_kwargs = route_settings(
+            straight_through=straight_through,
+            n_iters=n_iters,
             fetch_ratio=fetch_ratio,
             eps=eps,
-            n_iters=n_iters,
-            eps_schedule=tuple(eps_schedule) if eps_schedule is not None else None,
-            straight_through=straight_through,
+            eps_schedule=eps_schedule,
             route_block_size=route_block_size,
             backend=backend,
+            fetch_k_ratio=fetch_k_ratio,
+            eps_init=eps_init,
+            eps_decay=eps_decay,
+            use_triton=use_triton,
+            learned_routing_tokens=learned_routing_tokens,
+            triton_checkpoint_segments=triton_checkpoint_segments,
         )
 
-    def forward(self, x: torch.Tensor, amount: int | float, mask: torch.Tensor | None = None) -> RouterOutput:
-        """Route `amount` tokens (int count or float fraction) of `x` `(batch, n, dim)`; mask `(batch, n)`."""
-        return route(self.scores(x), amount, mask, **self.route_kwargs)
+    def forward(
+        self,
+        x: torch.Tensor,
+        amount: int | float | None = None,
+        mask: torch.Tensor | None = None,
+        *,
+        num_tokens: int | None = None,
+        random_route: bool = False,
+        routing_tokens: torch.Tensor | None = None,
+        keep_one_route_dim: bool = False,
+    ) -> RouterOutput | RouterReturn:
+        """Route tokens of `x` `(batch, n, dim)`; `mask` `(batch, n)` bool, False for padding.
+
+        Args:
+            amount: tokens per set, an int count or a float fraction of each sample's valid length; returns a
+                `RouterOutput`.
+            num_tokens: colt5-attention's spelling (an int); returns a `RouterReturn`, laid out as it does.
+            random_route: route this call by random scores (an ablation control).
+            routing_tokens: colt5-attention's call-time routing tokens: not supported (an error).
+            keep_one_route_dim: with `num_tokens` and one routing set, keep the set axis.
+        """
+        if routing_tokens is not None:
+            raise ValueError("routing_tokens are not supported: the router learns its own routing vectors.")
+        if (amount is None) == (num_tokens is None):
+            raise ValueError(
+                "Pass the amount to route once: as `amount` (colt5) or as `num_tokens=` (colt5-attention)."
+            )
+        amount = amount if num_tokens is None else num_tokens
+        routed = route(self.scores(x, random=random_route), amount, mask, **self.route_kwargs)
+        if num_tokens is None:
+            return routed
+        return self._as_reference_return(x, routed, num_tokens, mask, keep_one_route_dim)
+
+    def _as_reference_return(
+        self, x: torch.Tensor, routed: RouterOutput, num_tokens: int, mask: torch.Tensor | None, keep_set_axis: bool
+    ) -> RouterReturn:
+        sets = self.routing_vectors.shape[0]
+        squeeze = sets == 1 and not keep_set_axis
+        batch, length, _ = x.shape
+        if length <= num_tokens:
+            x_sets = x.unsqueeze(1).expand(batch, sets, length, x.shape[-1])
+            mask_sets = None if mask is None else mask.bool().unsqueeze(1).expand(batch, sets, length)
+            ones = x.new_ones(batch, sets, length)
+            if squeeze:
+                return RouterReturn(None, ones[:, 0], x, None if mask is None else mask.bool())
+            return RouterReturn(None, ones, x_sets, mask_sets)
+        tokens = gather_tokens(x, routed.indices)
+        routed_mask = None if mask is None else routed.mask
+        if squeeze:
+            first_mask = None if routed_mask is None else routed_mask[:, 0]
+            return RouterReturn(routed.indices[:, 0], routed.weights[:, 0], tokens[:, 0], first_mask)
+        return RouterReturn(routed.indices, routed.weights, tokens, routed_mask)
+
+    @staticmethod
+    def route_back(src: torch.Tensor, routed_tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Write `(batch, k, dim)` routed tokens into `src` `(batch, n, dim)` at their `(batch, k)` indices (in
+        place, as colt5-attention does) and return it."""
+        rows = torch.arange(src.shape[0], device=src.device).unsqueeze(-1)
+        src[rows, indices] = routed_tokens.to(src.dtype)
+        return src
 
 
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

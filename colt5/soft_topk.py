@@ -27,6 +27,7 @@ import functools
 import math
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -251,3 +252,91 @@ def soft_topk(
     else:
         lambdas = _IterativeSoftTopk.apply(rows, k_rows, valid_rows, eps_steps_for(n_iters, eps, eps_schedule))
     return lambdas.reshape(*batch_shape, n)
+
+
+def reference_eps_schedule(eps: float, eps_init: float | None, eps_decay: float) -> tuple[float, float] | None:
+    """colt5-attention's eps-scaling (`eps_init`, default eps, and `eps_decay`) as an `eps_schedule`; None where
+    every step would use eps itself."""
+    start = eps if eps_init is None else eps_init
+    return None if start <= eps and eps_decay <= 1.0 else (float(start), float(eps_decay))
+
+
+def coor_descent(
+    s: torch.Tensor,
+    *,
+    n_iters: int,
+    k: torch.Tensor | float,
+    eps: float = 0.1,
+    eps_init: float | None = None,
+    eps_decay: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """colt5-attention's `coor_descent`: the soft top-k of each row of `s` `(..., n)` after `n_iters` coordinate-
+    descent iterations, eps-scaled from `eps_init` by `eps_decay` per step down to `eps`.
+
+    Args:
+        s: `(..., n)` scores.
+        n_iters: iterations, >= 1.
+        k: amount per row, a number or a `(...)` tensor.
+        eps, eps_init, eps_decay: the entropy weight, floored at `eps`.
+        mask: `(..., n)` bool, False for entries that take no part (they get 0).
+
+    Returns:
+        `(..., n)` weights in [0, 1], in float32 (float64 stays float64). They equal colt5-attention's once the
+        schedule has reached `eps` by the last iteration; before that, colt5-attention divides the final weights
+        by one more decayed eps than its last iteration used, and this function by the last iteration's.
+    """
+    schedule = reference_eps_schedule(eps, eps_init, eps_decay)
+    return soft_topk(s, k, mask, eps=eps, n_iters=n_iters, eps_schedule=schedule, backend="torch")
+
+
+class TopkReturn(NamedTuple):
+    """colt5-attention's `topk` result: `values` (the inputs at `indices`, times the straight-through gates),
+    `indices`, and the soft top-k weights (`coor_descent_values`) and straight-through `gates` there (None for a
+    non-differentiable top-k)."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    coor_descent_values: torch.Tensor | None
+    gates: torch.Tensor | None
+
+
+def topk(
+    x: torch.Tensor,
+    k: int,
+    coor_descent_k_ratio: float = 9 / 8,
+    n_iters: int = 20,
+    eps: float = 0.1,
+    eps_init: float | None = None,
+    eps_decay: float = 1.0,
+    mask: torch.Tensor | None = None,
+    fused: bool = False,
+    non_differentiable: bool = False,
+) -> TopkReturn:
+    """colt5-attention's differentiable top-k over the last dimension of `x` `(..., n)`.
+
+    The top k entries are chosen by value (entries where `mask` is False never are); their gates are 1 in the
+    forward pass and carry the gradient of the soft top-k over `coor_descent_k_ratio * k` entries (`coor_descent`
+    settings), so `values` are differentiable. `fused` runs the soft top-k's Triton kernels where x is on CUDA.
+    """
+    if k < 1 or k > x.shape[-1]:
+        raise ValueError(f"k must be in [1, {x.shape[-1]}] (the last dimension of x), got {k}.")
+    if coor_descent_k_ratio < 1:
+        raise ValueError(f"coor_descent_k_ratio must be >= 1, got {coor_descent_k_ratio}.")
+    candidates = x if mask is None else x.masked_fill(~mask.bool(), -math.inf)
+    if non_differentiable:
+        values, indices = candidates.topk(k, dim=-1)
+        return TopkReturn(x.gather(-1, indices), indices, None, None)
+    lambdas = soft_topk(
+        x,
+        min(k * coor_descent_k_ratio, x.shape[-1]),
+        mask,
+        eps=eps,
+        n_iters=n_iters,
+        eps_schedule=reference_eps_schedule(eps, eps_init, eps_decay),
+        backend="auto" if fused else "torch",
+    )
+    gates = lambdas + (1.0 - lambdas).detach()
+    indices = candidates.topk(k, dim=-1).indices
+    gates_at = gates.gather(-1, indices)
+    return TopkReturn(x.gather(-1, indices) * gates_at.to(x.dtype), indices, lambdas.gather(-1, indices), gates_at)

@@ -41,6 +41,14 @@ from colt5 import ConditionalRoutedCrossAttention, ConditionalRoutedImageAttenti
 DIM, HEADS, HEAD_DIM = 512, 8, 64
 QUERIES = 1024
 LIGHT_HEADS = 4
+# colt5's design, as measured since 2026-11-22: the standalone layers default to colt5-attention's settings (norms
+# inside each branch, iterative straight-through routers, a learned unrouted output, keys not scaled).
+DESIGN = dict(
+    branch_norms=False,
+    learned_unrouted_output=False,
+    multiply_keys_by_score=True,
+    router_kwargs=dict(n_iters=None, eps=1.0, straight_through=False),
+)
 
 
 class DenseCrossAttention(nn.Module):
@@ -184,7 +192,7 @@ def main() -> None:
 
     def cross(kv: int, **options) -> nn.Module:
         return ConditionalRoutedCrossAttention(
-            DIM, num_heavy_tokens_q=1.0, num_heavy_tokens_kv=kv, heads=HEADS, dim_head=HEAD_DIM, **options
+            DIM, num_heavy_tokens_q=1.0, num_heavy_tokens_kv=kv, heads=HEADS, dim_head=HEAD_DIM, **DESIGN, **options
         )
 
     def cross_variants(memory: int) -> list[tuple[str, nn.Module]]:
@@ -221,6 +229,8 @@ def main() -> None:
                 window_size=window,
                 light_heads=LIGHT_HEADS,
                 heavy_heads=HEADS,
+                channels_first=True,
+                **DESIGN,
             )
             record("image", size, f"ours, windows {window}x{window}", measure(module, inputs, dtype, device), dense)
         record("image", size, "dense SDPA", dense, dense)

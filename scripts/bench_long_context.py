@@ -95,12 +95,22 @@ class FirstOutput(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ layers
+# colt5's design, as CoLT5Config builds it: the standalone encoder layers default to colt5-attention's settings
+# (norms inside each branch, iterative straight-through routers, a learned unrouted output, no heavy positions).
+ENCODER_DESIGN = dict(branch_norms=False, router_kwargs=dict(n_iters=None, eps=1.0, straight_through=False))
+ENCODER_ATTENTION_DESIGN = dict(
+    ENCODER_DESIGN, multiply_keys_by_score=True, learned_unrouted_output=False, rotary_emb=True
+)
+
+
 def ours(kind: str, n: int) -> nn.Module:
     memory, block = causal_memory_and_block(n)
     attention = dict(light_heads=LIGHT_HEADS, heavy_heads=HEAVY_HEADS, light_window_size=WINDOW)
+    # The encoder layer's window counts both sides: WINDOW tokens on each side.
+    encoder_attention = dict(attention, light_window_size=2 * WINDOW, **ENCODER_ATTENTION_DESIGN)
     if kind == "encoder attention":
         return ConditionalRoutedAttention(
-            DIM, num_heavy_tokens_q=Q_FRACTION, num_heavy_tokens_kv=KV_FRACTION, **attention
+            DIM, num_heavy_tokens_q=Q_FRACTION, num_heavy_tokens_kv=KV_FRACTION, **encoder_attention
         )
     if kind == "causal attention":
         return FirstOutput(
@@ -110,7 +120,7 @@ def ours(kind: str, n: int) -> nn.Module:
         )
     mlps = dict(light_hidden_dim=LIGHT_MLP_HIDDEN, heavy_hidden_dim=MLP_HIDDEN)
     if kind == "encoder feedforward":
-        return ConditionalRoutedFeedForward(DIM, num_heavy_tokens=FF_FRACTION, **mlps)
+        return ConditionalRoutedFeedForward(DIM, num_heavy_tokens=FF_FRACTION, **mlps, **ENCODER_DESIGN)
     if kind == "causal feedforward":
         return CausalRoutedFeedForward(DIM, fraction=FF_FRACTION, **mlps)
     blocks = dict(light_ff_hidden_dim=LIGHT_MLP_HIDDEN, heavy_ff_hidden_dim=MLP_HIDDEN, **attention)
@@ -120,7 +130,7 @@ def ours(kind: str, n: int) -> nn.Module:
             num_heavy_tokens_q=Q_FRACTION,
             num_heavy_tokens_kv=KV_FRACTION,
             num_heavy_ff_tokens=FF_FRACTION,
-            **blocks,
+            **dict(blocks, light_window_size=2 * WINDOW, **ENCODER_ATTENTION_DESIGN),
         )
     if kind == "causal block":
         return FirstOutput(

@@ -12,6 +12,19 @@ if not torch.cuda.is_available():
 
 from colt5 import CoLT5Config
 
+# colt5's own router (what CoLT5Config builds: the exact soft top-k at eps 1, weights not straight-through); the
+# standalone layers default to colt5-attention's (20 iterations at eps 0.03, straight-through).
+COLT5_ROUTER = dict(n_iters=None, eps=1.0, straight_through=False)
+
+
+def colt5_design(**settings) -> dict:
+    """Settings that give a standalone layer colt5's own design (as CoLT5Config's models build it) instead of its
+    colt5-attention defaults: the block normalises, no learned unrouted output, keys scaled by their weights, colt5's
+    router. `settings` win; their router_kwargs are merged into colt5's router."""
+    router = {**COLT5_ROUTER, **settings.pop("router_kwargs", {})}
+    design = dict(branch_norms=False, learned_unrouted_output=False, multiply_keys_by_score=True)
+    return {**design, **settings, "router_kwargs": router}
+
 TINY_CONFIG = dict(
     vocab_size=300,
     hidden_size=64,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from colt5 import ConditionalRoutedCrossAttention
+from conftest import colt5_design
 
 DIM = 32
 HEADS = 4
@@ -14,7 +15,7 @@ DIM_HEAD = 8
 
 def make_layer(**overrides) -> ConditionalRoutedCrossAttention:
     kwargs = dict(num_heavy_tokens_q=0.5, num_heavy_tokens_kv=0.25, heads=HEADS, dim_head=DIM_HEAD)
-    return ConditionalRoutedCrossAttention(DIM, **{**kwargs, **overrides})
+    return ConditionalRoutedCrossAttention(DIM, **colt5_design(**{**kwargs, **overrides}))
 
 
 def random_mask(counts, n) -> torch.Tensor:

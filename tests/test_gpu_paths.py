@@ -18,6 +18,7 @@ from colt5 import (
     causal_attention,
     routed_attention,
 )
+from conftest import colt5_design
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention and its backward need a GPU")
 
@@ -27,7 +28,8 @@ def make_layer(kind):
         light_heads=2, light_dim_head=16, light_window_size=40, heavy_heads=4, heavy_dim_head=16, num_routed_kv=2
     )
     if kind == "encoder attention":
-        return ConditionalRoutedAttention(64, num_heavy_tokens_q=0.25, num_heavy_tokens_kv=0.25, **common)
+        encoder = colt5_design(**dict(common, light_window_size=80, rotary_emb=True))  # 40 tokens on each side
+        return ConditionalRoutedAttention(64, num_heavy_tokens_q=0.25, num_heavy_tokens_kv=0.25, **encoder)
     causal = dict(routed_query_fraction=0.25, memory_size=96, block_size=128, **common)
     if kind == "causal attention":
         return CausalRoutedAttention(64, **causal)
@@ -106,14 +108,15 @@ def test_cross_and_image_attention_on_cuda_match_float64_on_cpu(kind, padding):
     if kind == "cross":
         layer = ConditionalRoutedCrossAttention(
             64, num_heavy_tokens_q=0.5, num_heavy_tokens_kv=700, heads=4, dim_head=16, num_routed_kv=2,
-            route_block_size=3000, learned_unrouted_output=True,
+            route_block_size=3000, **colt5_design(learned_unrouted_output=True),
         )
         inputs = [torch.randn(2, 100, 64), torch.randn(2, 20000, 64)]
         masks = [None, torch.arange(20000)[None, :] < torch.tensor([[20000], [9000]])] if padding else [None, None]
     else:
         layer = ConditionalRoutedImageAttention(
             64, num_heavy_tokens_q=1 / 16, num_heavy_tokens_kv=1 / 8, window_size=8, light_heads=2, light_dim_head=16,
-            heavy_heads=4, heavy_dim_head=16, num_routed_kv=2, learned_unrouted_output=True,
+            heavy_heads=4, heavy_dim_head=16, num_routed_kv=2, channels_first=True,
+            **colt5_design(learned_unrouted_output=True),
         )
         inputs = [torch.randn(2, 64, 60, 70)]
         masks = [torch.rand(2, 60, 70) > 0.2] if padding else [None]

@@ -8,6 +8,7 @@ import torch
 
 from colt5 import ConditionalRoutedImageAttention
 from colt5.rotary import apply_rotary
+from conftest import colt5_design
 
 DIM = 32
 WINDOW = 4
@@ -24,8 +25,9 @@ def make_layer(**overrides) -> ConditionalRoutedImageAttention:
         light_dim_head=LIGHT_DIM_HEAD,
         heavy_heads=HEAVY_HEADS,
         heavy_dim_head=HEAVY_DIM_HEAD,
+        channels_first=True,
     )
-    return ConditionalRoutedImageAttention(DIM, **{**kwargs, **overrides})
+    return ConditionalRoutedImageAttention(DIM, **colt5_design(**{**kwargs, **overrides}))
 
 
 def grid(height, width) -> torch.Tensor:
@@ -615,6 +617,7 @@ def test_an_empty_feature_map_raises():
         light_dim_head=8,
         heavy_heads=4,
         heavy_dim_head=8,
+        channels_first=True,
     )
     with pytest.raises(ValueError, match="at least one pixel"):
         layer(torch.randn(1, DIM, 0, 5))

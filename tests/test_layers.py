@@ -8,6 +8,7 @@ from colt5 import (
     ConditionalRoutedFeedForward,
     ConditionalRoutedTransformerBlock,
 )
+from conftest import colt5_design
 
 DIM = 32
 LAYERS = ("ff", "attn", "block")
@@ -21,19 +22,23 @@ def make_layer(kind: str, **overrides) -> torch.nn.Module:
         num_heavy_tokens_kv=0.5,
         light_heads=2,
         light_dim_head=16,
-        light_window_size=8,
+        light_window_size=16,  # 8 tokens on each side
         heavy_heads=4,
         heavy_dim_head=16,
+        rotary_emb=True,
     )
     if kind == "ff":
         kwargs = dict(num_heavy_tokens=0.25, light_hidden_dim=16, heavy_hidden_dim=64)
         kwargs.update({k: v for k, v in overrides.items() if k in ("num_heavy_tokens", "router_kwargs")})
-        return ConditionalRoutedFeedForward(DIM, **kwargs)
+        design = colt5_design(**kwargs)
+        return ConditionalRoutedFeedForward(
+            DIM, **{k: v for k, v in design.items() if k not in ("learned_unrouted_output", "multiply_keys_by_score")}
+        )
     if kind == "attn":
-        return ConditionalRoutedAttention(DIM, **{**attn_kwargs, **overrides})
+        return ConditionalRoutedAttention(DIM, **colt5_design(**{**attn_kwargs, **overrides}))
     if kind == "block":
         kwargs = dict(attn_kwargs, num_heavy_ff_tokens=0.25, light_ff_hidden_dim=16, heavy_ff_hidden_dim=64)
-        return ConditionalRoutedTransformerBlock(DIM, **{**kwargs, **overrides})
+        return ConditionalRoutedTransformerBlock(DIM, **colt5_design(**{**kwargs, **overrides}))
     raise AssertionError(kind)
 
 

@@ -9,10 +9,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Cross attention over long memories, image attention, routing options"
 
 
-def section_examples() -> list[str]:
+def section_examples(section: str = SECTION) -> list[str]:
     text = README.read_text()
-    start = text.index(SECTION)
-    end = text.index("\n## ", start + len(SECTION))
+    start = text.index(section)
+    end = text.index("\n## ", start + len(section))
     return re.findall(r"```python\n(.*?)```", text[start:end], flags=re.DOTALL)
 
 
@@ -34,3 +34,11 @@ def test_readme_example_runs(index):
         counts = namespace["attention"].q_router(namespace["x"], 0.0625, namespace["mask"]).mask.sum(-1)
         assert counts.flatten().tolist() == [128, 63, 19]  # the amounts the README's comment states
         assert namespace["hidden"].shape == (1, 1024, 256)
+
+
+def test_migration_example_runs():
+    (example,) = section_examples("## Migrating from colt5-attention")
+    namespace: dict = {}
+    exec(compile(example, "README.md migration example", "exec"), namespace)
+    assert namespace["out"].shape == (2, 2048, 512)
+    assert namespace["block"].attention.light_window_size == 64  # light_window_size=128: 64 tokens on each side

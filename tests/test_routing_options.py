@@ -19,6 +19,7 @@ from colt5 import (
     ThresholdRouter,
 )
 from colt5.rotary import RotaryEmbedding, apply_rotary
+from conftest import colt5_design
 
 DIM = 32
 KINDS = ("self", "causal", "cross", "image")
@@ -27,6 +28,8 @@ KINDS = ("self", "causal", "cross", "image")
 def make_attention(kind: str, **options) -> torch.nn.Module:
     """A tiny routed attention of `kind` with the routing `options` (constructor arguments)."""
     heavy = dict(num_routed_kv=options.pop("num_routed_kv", 2), **options)
+    if kind != "causal":
+        heavy = colt5_design(**heavy)
     if kind == "self":
         return ConditionalRoutedAttention(
             DIM,
@@ -34,9 +37,10 @@ def make_attention(kind: str, **options) -> torch.nn.Module:
             num_heavy_tokens_kv=0.5,
             light_heads=2,
             light_dim_head=8,
-            light_window_size=4,
+            light_window_size=8,  # 4 tokens on each side
             heavy_heads=4,
             heavy_dim_head=8,
+            rotary_emb=True,
             **heavy,
         )
     if kind == "causal":
@@ -66,6 +70,7 @@ def make_attention(kind: str, **options) -> torch.nn.Module:
             light_dim_head=8,
             heavy_heads=4,
             heavy_dim_head=8,
+            channels_first=True,
             **heavy,
         )
     raise AssertionError(kind)
@@ -125,7 +130,7 @@ def test_learned_routing_trains_the_routing_vectors(kind):
 
 
 def test_random_routing_never_routes_padding():
-    router = CoordinateDescentRouter(DIM, 2, random_routing=True)
+    router = CoordinateDescentRouter(DIM, num_sets=2, random_routing=True)
     mask = torch.arange(40)[None, :] < torch.tensor([[40], [17]])
     for seed in range(5):
         torch.manual_seed(seed)
@@ -136,7 +141,7 @@ def test_random_routing_never_routes_padding():
 
 def test_random_routing_picks_tokens_uniformly():
     """Over many draws every position is routed about equally often, whatever the tokens are."""
-    router = CoordinateDescentRouter(DIM, 1, random_routing=True)
+    router = CoordinateDescentRouter(DIM, num_sets=1, random_routing=True)
     x = torch.randn(1, 32, DIM)
     x[0, :4] *= 50.0  # tokens a learned router would always pick
     counts = torch.zeros(32)
