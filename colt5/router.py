@@ -466,6 +466,11 @@ class CoordinateDescentRouter(TokenScorer):
         backend: str | None = None,
         random_routing: bool = False,
     ):
+        if not isinstance(straight_through, bool):
+            raise ValueError(
+                f"straight_through must be True or False, got {straight_through!r}: the second argument follows "
+                "colt5-attention's order (dim, straight_through, n_iters, ...); pass routing sets as num_sets=..."
+            )
         num_sets = one_spelling(1, num_sets=num_sets, num_routing_tokens=num_routing_tokens)
         cosine_sim_scale = cosine_sim_scale if cosine_sim_routing else None
         super().__init__(dim, num_sets, random_routing=random_routing, cosine_sim_scale=cosine_sim_scale)
@@ -512,25 +517,24 @@ class CoordinateDescentRouter(TokenScorer):
             raise ValueError(
                 "Pass the amount to route once: as `amount` (colt5) or as `num_tokens=` (colt5-attention)."
             )
-        amount = amount if num_tokens is None else num_tokens
-        routed = route(self.scores(x, random=random_route), amount, mask, **self.route_kwargs)
         if num_tokens is None:
-            return routed
-        return self._as_reference_return(x, routed, num_tokens, mask, keep_one_route_dim)
+            return route(self.scores(x, random=random_route), amount, mask, **self.route_kwargs)
+        return self._route_as_reference(x, num_tokens, mask, random_route, keep_one_route_dim)
 
-    def _as_reference_return(
-        self, x: torch.Tensor, routed: RouterOutput, num_tokens: int, mask: torch.Tensor | None, keep_set_axis: bool
+    def _route_as_reference(
+        self, x: torch.Tensor, num_tokens: int, mask: torch.Tensor | None, random: bool, keep_set_axis: bool
     ) -> RouterReturn:
         sets = self.routing_vectors.shape[0]
         squeeze = sets == 1 and not keep_set_axis
         batch, length, _ = x.shape
-        if length <= num_tokens:
+        if length <= num_tokens:  # nothing to choose: every token, weight 1, as colt5-attention returns it
             x_sets = x.unsqueeze(1).expand(batch, sets, length, x.shape[-1])
             mask_sets = None if mask is None else mask.bool().unsqueeze(1).expand(batch, sets, length)
             ones = x.new_ones(batch, sets, length)
             if squeeze:
                 return RouterReturn(None, ones[:, 0], x, None if mask is None else mask.bool())
             return RouterReturn(None, ones, x_sets, mask_sets)
+        routed = route(self.scores(x, random=random), num_tokens, mask, **self.route_kwargs)
         tokens = gather_tokens(x, routed.indices)
         routed_mask = None if mask is None else routed.mask
         if squeeze:

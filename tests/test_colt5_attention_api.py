@@ -544,6 +544,8 @@ def test_router_takes_the_references_positional_arguments():
     assert router.route_kwargs["fetch_ratio"] == 1.5 and router.route_kwargs["eps"] == 0.1
     assert router.route_kwargs["eps_schedule"] == (2.0, 0.8) and router.routing_vectors.shape == (2, 16)
     assert CoordinateDescentRouter(16, backend="triton", use_triton=True).route_kwargs["backend"] == "triton"
+    with pytest.raises(ValueError, match="pass routing sets as num_sets"):
+        CoordinateDescentRouter(16, 3)
 
 
 def test_causal_block_feedforward_router_follows_the_attentions_settings():
@@ -572,3 +574,15 @@ def test_causal_block_feedforward_router_follows_the_attentions_settings():
         router_kwargs={"n_iters": 10},
     )
     assert iterative.attention.memory_route_kwargs["eps_schedule"] is None
+
+
+def test_attention_without_a_light_branch_is_the_heavy_branch_alone():
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 32)
+    settings = dict(num_heavy_tokens_q=8, num_heavy_tokens_kv=8, heavy_dim_head=8, light_dim_head=8)
+    heavy_only = ConditionalRoutedAttention(32, has_light_attn=False, **settings)
+    assert not any(name.startswith("light_") for name, _ in heavy_only.named_parameters())
+    both = ConditionalRoutedAttention(32, **settings)
+    both.load_state_dict(heavy_only.state_dict(), strict=False)
+    position_ids = torch.arange(40).expand(2, 40)
+    torch.testing.assert_close(heavy_only(x), both._heavy(x, None, position_ids))
