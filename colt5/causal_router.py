@@ -103,6 +103,10 @@ class ThresholdRouter(TokenScorer):
         self.shift = nn.Buffer(torch.tensor(shift))
         # This batch's (threshold, shift), folded into the buffers at the next call; see forward.
         self._pending_statistics: tuple | None = None
+        # Tokens routed and valid tokens seen by training calls since `take_routed_fraction`, kept on the device so
+        # that counting them costs no host synchronisation.
+        self._routed_count: torch.Tensor | None = None
+        self._valid_count: torch.Tensor | None = None
 
     def reference_statistics(self) -> tuple[float, float]:
         """Threshold and shift for standard normal scores: the values before any training."""
@@ -131,7 +135,26 @@ class ThresholdRouter(TokenScorer):
             weights = weights - weights.detach() + 1.0
         if self.training and not recomputing:
             self._pending_statistics = self._batch_statistics(scores.detach(), mask)
+            self._count_routed(routed, mask)
         return GateOutput(routed, weights * routed)
+
+    @torch.no_grad()
+    def _count_routed(self, routed: torch.Tensor, mask: torch.Tensor | None) -> None:
+        routed_count = routed.sum()
+        valid_count = routed.new_tensor(routed.numel(), dtype=torch.long) if mask is None else mask.bool().sum()
+        if self._routed_count is None:
+            self._routed_count, self._valid_count = routed_count, valid_count
+        else:
+            self._routed_count, self._valid_count = self._routed_count + routed_count, self._valid_count + valid_count
+
+    def take_routed_fraction(self) -> float | None:
+        """The share of valid tokens routed by training calls since the last call of this method (None if there
+        were none), and start counting anew. Reads the count from the device: call it at logging steps."""
+        if self._routed_count is None:
+            return None
+        fraction = float(self._routed_count) / max(1, int(self._valid_count))
+        self._routed_count = self._valid_count = None
+        return fraction
 
     def train(self, mode: bool = True) -> "ThresholdRouter":
         self._apply_pending_statistics()

@@ -42,7 +42,13 @@ from transformers import (
     default_data_collator,
 )
 
-from . import CoLT5Config, CoLT5ForCausalLM, CoLT5ForSequenceClassification
+from . import (
+    CausalRoutedAttention,
+    CausalRoutedFeedForward,
+    CoLT5Config,
+    CoLT5ForCausalLM,
+    CoLT5ForSequenceClassification,
+)
 from .training_data import (
     EMBEDDED_CORPUS,
     bytes_per_token,
@@ -52,7 +58,7 @@ from .training_data import (
     prepare_classification,
     split_documents,
 )
-from .training_report import loss_curves, plot_losses, push_checkpoint, write_model_card
+from .training_report import loss_curves, plot_losses, push_checkpoint, routed_fractions_text, write_model_card
 
 TASKS = ("causal-lm", "classification")
 SETTINGS_FILE = "colt5_train_settings.json"
@@ -277,9 +283,44 @@ class CoLT5Trainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs and self.bytes_per_token:
             logs["eval_bits_per_byte"] = logs["eval_loss"] / math.log(2) / self.bytes_per_token
-        if "loss" in logs and self.throughput.steps:
-            logs["tokens_per_second"] = round(self.throughput.tokens_per_second, 1)
+        if "loss" in logs:
+            if self.throughput.steps:
+                logs["tokens_per_second"] = round(self.throughput.tokens_per_second, 1)
+            logs.update(routed_fraction_logs(self.model))
         super().log(logs, start_time)
+
+
+ROUTER_KINDS = {"queries": (CausalRoutedAttention, "q_router"), "feedforward": (CausalRoutedFeedForward, "router")}
+
+
+def routed_fraction_logs(model: torch.nn.Module) -> dict[str, float]:
+    """For each kind of per-token causal router (heavy queries, heavy feedforward), the share of valid tokens its
+    routers routed in training since the last log, as `routed_{kind}_{mean,min,max}` over the layers, the way
+    mixture-of-experts trainers log load balance. Counts come from this process's batches (the logging one, under
+    DDP or FSDP). Empty for encoders, whose routers route exact amounts."""
+    logs = {}
+    for kind, (layer_class, attribute) in ROUTER_KINDS.items():
+        routers = [getattr(module, attribute) for module in model.modules() if isinstance(module, layer_class)]
+        fractions = [fraction for router in routers if (fraction := router.take_routed_fraction()) is not None]
+        if fractions:
+            logs[f"routed_{kind}_mean"] = round(sum(fractions) / len(fractions), 4)
+            logs[f"routed_{kind}_min"] = round(min(fractions), 4)
+            logs[f"routed_{kind}_max"] = round(max(fractions), 4)
+    return logs
+
+
+def last_routed_fractions(log_history: list[dict], config: CoLT5Config) -> dict[str, dict[str, float]] | None:
+    """The routed shares of the last training log (see `routed_fraction_logs`) with each kind's target."""
+    entries = [entry for entry in log_history if "routed_queries_mean" in entry]
+    if not entries:
+        return None
+    targets = {"queries": config.routed_query_tokens, "feedforward": config.routed_ff_tokens}
+    return {
+        kind: {"step": entries[-1]["step"], "target": targets[kind]}
+        | {stat: entries[-1][f"routed_{kind}_{stat}"] for stat in ("mean", "min", "max")}
+        for kind in ROUTER_KINDS
+        if f"routed_{kind}_mean" in entries[-1]
+    }
 
 
 def _accuracy(prediction) -> dict[str, float]:
@@ -535,6 +576,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": _run_settings(args),
         "start_eval": curves.first_eval,
         "end_eval": curves.last_eval,
+        "routed_fractions": last_routed_fractions(trainer.state.log_history, model.config),
         "versions": _versions(),
     }
     sample = _generate_sample(args, data.held_out_documents) if args.task == "causal-lm" else None
@@ -642,6 +684,8 @@ def _print_summary(summary: dict) -> None:
     for name in ("eval_loss", "eval_bits_per_byte", "eval_accuracy"):
         if start and name in start and end and name in end:
             print(f"{name}: {start[name]:.4f} (step {start['step']}) -> {end[name]:.4f} (step {end['step']})")
+    if summary["routed_fractions"]:
+        print(f"routed shares: {routed_fractions_text(summary['routed_fractions'])}")
     if summary["sample"]:
         print(f"\nsample from the reloaded checkpoint, prompt then completion:\n{summary['sample']['prompt']}"
               f"\n{'-' * 40}\n{summary['sample']['completion']}\n")

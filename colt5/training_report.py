@@ -82,6 +82,16 @@ def _format_eval(entry: dict | None) -> str:
     return f"{', '.join(parts)} (step {entry['step']})"
 
 
+def routed_fractions_text(fractions: dict[str, dict[str, float]]) -> str:
+    """One line for the routed shares of `summary["routed_fractions"]`: mean, range over layers and target."""
+    step = next(iter(fractions.values()))["step"]
+    parts = [
+        f"{kind} {share['mean']:.3f} ({share['min']:.3f}-{share['max']:.3f} over layers; target {share['target']:g})"
+        for kind, share in fractions.items()
+    ]
+    return ", ".join(parts) + f", in training up to step {step}"
+
+
 def write_model_card(output_dir: Path, summary: dict) -> Path:
     """Writes `output_dir/README.md`: Hub metadata, how to load the model, the training settings and the measured
     evaluation numbers of `summary` (as built by `colt5.train`)."""
@@ -110,6 +120,11 @@ def write_model_card(output_dir: Path, summary: dict) -> Path:
                      + (", FSDP" if summary["fsdp"] else "")
                      + (", gradient checkpointing" if summary["gradient_checkpointing"] else "")),
         ("throughput", f"{summary['tokens_per_second']:,.0f} training tokens/s"),
+        *(
+            [("routed shares (last logging interval)", routed_fractions_text(summary["routed_fractions"]))]
+            if summary.get("routed_fractions")
+            else []
+        ),
         ("versions", ", ".join(f"{name} {version}" for name, version in summary["versions"].items())),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
