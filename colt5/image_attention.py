@@ -183,13 +183,11 @@ class ConditionalRoutedImageAttention(RoutedAttentionBase):
         x: torch.Tensor,
         mask: torch.Tensor | None,
         positions: torch.Tensor,
-        amount_q: int | float | None = None,
-        amount_kv: int | float | None = None,
+        amount_q: int | float,
+        amount_kv: int | float,
     ) -> torch.Tensor:
-        """Routed attention across the whole image: `x` `(batch, height, width, dim)` -> same shape; the amounts
-        default to the layer's."""
-        amount_q = self.num_heavy_tokens_q if amount_q is None else amount_q
-        amount_kv = self.num_heavy_tokens_kv if amount_kv is None else amount_kv
+        """Routed attention across the whole image, `amount_q` query and `amount_kv` key/value pixels per image:
+        `x` `(batch, height, width, dim)` -> same shape."""
         batch, height, width, dim = x.shape
         tokens = x.reshape(batch, height * width, dim)
         flat_mask = None if mask is None else mask.reshape(batch, height * width)

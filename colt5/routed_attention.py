@@ -457,10 +457,10 @@ class ConditionalRoutedAttention(TwoBranchAttention):
         x: torch.Tensor,
         mask: torch.Tensor | None,
         position_ids: torch.Tensor,
-        amount_q: int | float | None = None,
-        amount_kv: int | float | None = None,
+        amount_q: int | float,
+        amount_kv: int | float,
     ) -> torch.Tensor:
-        """The heavy branch; the amounts default to the layer's."""
-        routed_q = self.q_router(x, self.num_heavy_tokens_q if amount_q is None else amount_q, mask)
-        routed_kv = self.kv_router(x, self.num_heavy_tokens_kv if amount_kv is None else amount_kv, mask)
+        """The heavy branch, routing `amount_q` queries and `amount_kv` keys/values per set."""
+        routed_q = self.q_router(x, amount_q, mask)
+        routed_kv = self.kv_router(x, amount_kv, mask)
         return self._routed_heavy(x, routed_q, x, routed_kv, mask is not None, position_ids, position_ids)

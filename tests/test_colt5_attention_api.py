@@ -585,4 +585,4 @@ def test_attention_without_a_light_branch_is_the_heavy_branch_alone():
     both = ConditionalRoutedAttention(32, **settings)
     both.load_state_dict(heavy_only.state_dict(), strict=False)
     position_ids = torch.arange(40).expand(2, 40)
-    torch.testing.assert_close(heavy_only(x), both._heavy(x, None, position_ids))
+    torch.testing.assert_close(heavy_only(x), both._heavy(x, None, position_ids, 8, 8))

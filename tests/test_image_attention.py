@@ -1,6 +1,7 @@
 """Tests of ConditionalRoutedImageAttention: window attention over every pixel plus routed attention across the
 whole image."""
 
+import functools
 import math
 
 import pytest
@@ -28,6 +29,11 @@ def make_layer(**overrides) -> ConditionalRoutedImageAttention:
         channels_first=True,
     )
     return ConditionalRoutedImageAttention(DIM, **colt5_design(**{**kwargs, **overrides}))
+
+
+def amounts(layer) -> tuple:
+    """The layer's own routed amounts (queries, keys/values), as its forward passes them to its branches."""
+    return layer.num_heavy_tokens_q, layer.num_heavy_tokens_kv
 
 
 def grid(height, width) -> torch.Tensor:
@@ -246,6 +252,8 @@ def test_both_branches_depend_on_pixel_offsets_only(branch):
     mask = random_mask([64, 40], 8, 8)
     positions = grid(8, 8)
     call = getattr(layer, branch)
+    if branch == "_heavy":
+        call = functools.partial(call, amount_q=layer.num_heavy_tokens_q, amount_kv=layer.num_heavy_tokens_kv)
     with torch.no_grad():
         out = call(x, mask, positions)
         shifted = call(x, mask, positions + torch.tensor([37, 101]))
@@ -347,7 +355,7 @@ def test_masked_pixels_are_never_routed_while_valid_ones_remain(num_routed_kv):
     rq, rkv = route_pixels(layer, x, mask)
     flat_mask = mask.reshape(2, 72)
     with torch.no_grad():
-        heavy = layer._heavy(x, mask, grid(8, 9)).reshape(2, 72, DIM)
+        heavy = layer._heavy(x, mask, grid(8, 9), *amounts(layer)).reshape(2, 72, DIM)
     for b in range(2):
         valid = set(torch.nonzero(flat_mask[b]).flatten().tolist())
         assert len(routed(rq, b)) == 12 and set(routed(rq, b)) <= valid
@@ -423,7 +431,7 @@ def test_fractions_route_a_share_of_each_images_valid_pixels():
     assert rq.mask.sum(-1)[:, 0].tolist() == [11, 5, 2]  # ceil(0.25 * [42, 20, 7])
     assert rkv.mask.sum(-1).tolist() == [[13, 13], [6, 6], [3, 3]]  # ceil(0.3 * [42, 20, 7])
     with torch.no_grad():
-        heavy = layer._heavy(x, mask, grid(6, 7))
+        heavy = layer._heavy(x, mask, grid(6, 7), *amounts(layer))
     assert (heavy.abs().sum(-1) > 0).flatten(1).sum(-1).tolist() == [11, 5, 2]
 
 
@@ -464,7 +472,7 @@ def test_block_routing_spreads_routed_pixels_over_row_bands(height, blocks, amou
 
     rq, rkv = route_pixels(layer, x)
     with torch.no_grad():
-        heavy = layer._heavy(x, None, grid(height, width)).reshape(2, pixels, DIM)
+        heavy = layer._heavy(x, None, grid(height, width), *amounts(layer)).reshape(2, pixels, DIM)
     for b in range(2):
         assert counts(routed(rq, b)) == expected
         assert torch.nonzero(heavy[b].abs().sum(-1) > 0).flatten().tolist() == routed(rq, b)

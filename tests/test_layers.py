@@ -1,5 +1,7 @@
 """Tests of the plain nn.Module layers: routed feedforward, routed attention and the transformer block."""
 
+import functools
+
 import pytest
 import torch
 
@@ -380,6 +382,8 @@ def test_rotary_is_relative_shift_invariant_and_permutation_sensitive(branch):
     mask = length_mask([40, 31], 40)
     positions = torch.arange(40).expand(2, 40)
     call = getattr(attn, branch)
+    if branch == "_heavy":
+        call = functools.partial(call, amount_q=attn.num_heavy_tokens_q, amount_kv=attn.num_heavy_tokens_kv)
 
     with torch.no_grad():
         out = call(x, mask, positions)
