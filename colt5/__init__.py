@@ -4,7 +4,13 @@
 Importing the package registers the config and models with transformers' Auto classes.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+)
 
 from .autoregressive_attention import ConditionalRoutedAutoregressiveAttention
 from .cache_colt5 import CoLT5Cache
@@ -14,7 +20,14 @@ from .configuration_colt5 import CoLT5Config
 from .convert_colt5_attention import from_colt5_attention
 from .cross_attention import ConditionalRoutedCrossAttention
 from .image_attention import ConditionalRoutedImageAttention
-from .modeling_colt5 import CoLT5ForCausalLM, CoLT5ForSequenceClassification, CoLT5Model, CoLT5PreTrainedModel
+from .modeling_colt5 import (
+    CoLT5Decoder,
+    CoLT5ForCausalLM,
+    CoLT5ForConditionalGeneration,
+    CoLT5ForSequenceClassification,
+    CoLT5Model,
+    CoLT5PreTrainedModel,
+)
 from .routed_attention import ConditionalRoutedAttention
 from .routed_block import CausalRoutedTransformerBlock, ConditionalRoutedTransformerBlock
 from .routed_feedforward import CausalRoutedFeedForward, ConditionalRoutedFeedForward, GatedMLP, GeluMLP
@@ -26,13 +39,16 @@ AutoConfig.register(CoLT5Config.model_type, CoLT5Config, exist_ok=True)
 AutoModel.register(CoLT5Config, CoLT5Model, exist_ok=True)
 AutoModelForCausalLM.register(CoLT5Config, CoLT5ForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(CoLT5Config, CoLT5ForSequenceClassification, exist_ok=True)
+AutoModelForSeq2SeqLM.register(CoLT5Config, CoLT5ForConditionalGeneration, exist_ok=True)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CoLT5Cache",
     "CoLT5Config",
+    "CoLT5Decoder",
     "CoLT5ForCausalLM",
+    "CoLT5ForConditionalGeneration",
     "CoLT5Model",
     "CoLT5ForSequenceClassification",
     "CoLT5PreTrainedModel",

@@ -14,6 +14,7 @@ COLT5_AUTO_MAP = {
     "AutoModel": "modeling_colt5.CoLT5Model",
     "AutoModelForCausalLM": "modeling_colt5.CoLT5ForCausalLM",
     "AutoModelForSequenceClassification": "modeling_colt5.CoLT5ForSequenceClassification",
+    "AutoModelForSeq2SeqLM": "modeling_colt5.CoLT5ForConditionalGeneration",
 }
 
 
@@ -33,6 +34,12 @@ class CoLT5Config(PreTrainedConfig):
     thresholds; `routed_kv_tokens` is the size of the routed key/value memory each block of `causal_block_size`
     tokens attends to (an int, or a float as a fraction of `max_position_embeddings`), routed from the tokens
     before the block.
+
+    With `is_encoder_decoder=True` (`CoLT5ForConditionalGeneration`, the paper's model) the routed encoder reads the
+    input and a decoder of dense pre-norm blocks writes the output: causal self-attention with rotary positions,
+    then multi-query cross attention to the encoder output (all `decoder_num_heads` query heads share one key/value
+    head: the paper's section 3.2, which makes each decoding step read 1/heads of the encoder's keys and values),
+    then a gated MLP.
 
     Args:
         vocab_size: vocabulary size.
@@ -68,7 +75,15 @@ class CoLT5Config(PreTrainedConfig):
             query attends to its block's memory and to every earlier token of its own block.
         causal_router_momentum: with `is_causal`, the weight of each training batch in the moving averages of the
             per-token routers' thresholds.
-        use_cache: with `is_causal`, return a `CoLT5Cache` for fast generation.
+        use_cache: with `is_causal`, return a `CoLT5Cache` for fast generation; with `is_encoder_decoder`, an
+            `EncoderDecoderCache` of the decoder's keys/values.
+        is_encoder_decoder: the encoder-decoder model (`CoLT5ForConditionalGeneration`); the fields above describe
+            its encoder.
+        num_decoder_layers: decoder blocks (None: `num_hidden_layers`).
+        decoder_num_heads, decoder_head_dim: decoder self-attention heads and head width; the cross attention has as
+            many query heads and one key/value head.
+        decoder_intermediate_size: decoder MLP width.
+        decoder_start_token_id: the first decoder input (None: `pad_token_id`, as in T5).
         hidden_act: MLP activation (a key of transformers' ACT2FN).
         hidden_dropout: dropout on each branch's output.
         attention_dropout: dropout on attention probabilities.
@@ -116,6 +131,12 @@ class CoLT5Config(PreTrainedConfig):
     causal_block_size: int = 1024
     causal_router_momentum: float = 0.05
     use_cache: bool = True
+    is_encoder_decoder: bool = False
+    num_decoder_layers: int | None = None
+    decoder_num_heads: int = 12
+    decoder_head_dim: int = 64
+    decoder_intermediate_size: int = 2048
+    decoder_start_token_id: int | None = None
     hidden_act: str = "gelu_pytorch_tanh"
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -127,6 +148,10 @@ class CoLT5Config(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 1
 
     def __post_init__(self, **kwargs):
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_hidden_layers
+        if self.is_encoder_decoder and self.decoder_start_token_id is None:
+            self.decoder_start_token_id = self.pad_token_id
         self._validate_colt5()
         super().__post_init__(**kwargs)
         if getattr(self, "auto_map", None) is None:
@@ -148,11 +173,15 @@ class CoLT5Config(PreTrainedConfig):
             "num_kv_routing_sets",
             "max_position_embeddings",
             "causal_block_size",
+            "num_decoder_layers",
+            "decoder_num_heads",
+            "decoder_head_dim",
+            "decoder_intermediate_size",
         )
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("light_head_dim", "heavy_head_dim"):
+        for name in ("light_head_dim", "heavy_head_dim", "decoder_head_dim"):
             if getattr(self, name) % 2:
                 raise ValueError(f"{name} must be even (rotary embeddings rotate pairs), got {getattr(self, name)}.")
         if self.heavy_num_heads % self.num_kv_routing_sets:
@@ -206,6 +235,8 @@ class CoLT5Config(PreTrainedConfig):
             raise ValueError(f"causal_router_momentum must be in (0, 1], got {self.causal_router_momentum}.")
         if self.is_causal:
             self._validate_causal()
+        if self.is_encoder_decoder:
+            self._validate_encoder_decoder()
 
     def _validate_causal(self) -> None:
         for name in ("routed_query_tokens", "routed_ff_tokens"):
@@ -218,6 +249,23 @@ class CoLT5Config(PreTrainedConfig):
             raise ValueError(
                 "route_block_size must be None when is_causal=True: the causal key/value memory is routed per "
                 "block of causal_block_size tokens already."
+            )
+
+    def _validate_encoder_decoder(self) -> None:
+        if self.is_causal:
+            raise ValueError(
+                "is_encoder_decoder and is_causal exclude each other: the encoder-decoder model routes over the whole "
+                "input in its encoder (is_causal=False) and decodes with a causal decoder of its own."
+            )
+        if self.decoder_start_token_id is None:
+            raise ValueError(
+                "The encoder-decoder model needs decoder_start_token_id (or pad_token_id, its default): the token "
+                "that starts every decoder input."
+            )
+        if not 0 <= self.decoder_start_token_id < self.vocab_size:
+            raise ValueError(
+                f"decoder_start_token_id must be in [0, vocab_size={self.vocab_size}), got "
+                f"{self.decoder_start_token_id}."
             )
 
     def routed_memory_size(self) -> int:

@@ -1,5 +1,5 @@
 # Copyright 2026 The CoLT5 developers. Licensed under the Apache License, Version 2.0.
-"""Train a CoLT5 language model, or fine-tune a CoLT5 classifier, with transformers' Trainer.
+"""Train a CoLT5 language model, classifier or encoder-decoder with transformers' Trainer.
 
 With no arguments: trains a small CoLT5ForCausalLM on the embedded corpus (the Python standard library's source,
 read from this interpreter, byte-level ByT5 tokens packed into sequences), offline, on the GPU when there is one
@@ -10,6 +10,10 @@ resumable checkpoints (checkpoint-N).
 
 Several GPUs (or CPU processes): `torchrun --standalone --nproc_per_node N -m colt5.train ...` (DDP; add --fsdp for
 FSDP2 on GPUs). A killed run continues with --resume.
+
+`--task seq2seq` trains CoLT5ForConditionalGeneration (the paper's encoder-decoder) with Seq2SeqTrainer, by default
+on summarising standard-library code (module or class source without docstrings -> the first paragraph of its
+docstring), evaluated by generating the targets and scoring them with ROUGE-L (the `seq2seq` extra: rouge-score).
 """
 
 import argparse
@@ -26,16 +30,21 @@ from importlib import metadata
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from datasets import Dataset
 from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoTokenizer,
     ByT5Tokenizer,
     DataCollatorWithPadding,
+    GenerationConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -47,6 +56,7 @@ from . import (
     CausalRoutedFeedForward,
     CoLT5Config,
     CoLT5ForCausalLM,
+    CoLT5ForConditionalGeneration,
     CoLT5ForSequenceClassification,
 )
 from .training_data import (
@@ -56,11 +66,19 @@ from .training_data import (
     load_documents,
     pack_for_language_modeling,
     prepare_classification,
+    prepare_seq2seq,
     split_documents,
 )
-from .training_report import loss_curves, plot_losses, push_checkpoint, routed_fractions_text, write_model_card
+from .training_report import (
+    EVAL_METRICS,
+    loss_curves,
+    plot_losses,
+    push_checkpoint,
+    routed_fractions_text,
+    write_model_card,
+)
 
-TASKS = ("causal-lm", "classification")
+TASKS = ("causal-lm", "classification", "seq2seq")
 SETTINGS_FILE = "colt5_train_settings.json"
 # Settings that only steer this invocation, not what is trained: a resumed run may change them freely.
 _INVOCATION_ONLY = {"resume", "overwrite", "push_to_hub", "hub_private", "sample_tokens", "prompt"}
@@ -96,11 +114,19 @@ def causal_memory_and_block(seq_len: int) -> tuple[int, int]:
 
 
 def preset_config(preset: str, seq_len: int) -> dict:
-    """CoLT5Config settings of a preset for `seq_len`-token sequences (causal routing: `causal_memory_and_block`)."""
+    """CoLT5Config settings of a preset for `seq_len`-token sequences (causal routing: `causal_memory_and_block`).
+    The encoder-decoder's decoder has as many heads as the encoder's two branches together, of the heavy heads'
+    width, and an MLP a quarter of the heavy one (for `base` and `large` the T5 v1.1 decoder of that width)."""
     if preset not in PRESETS:
         raise ValueError(f"Unknown --preset {preset!r}: choose one of {sorted(PRESETS)}.")
     memory, block = causal_memory_and_block(seq_len)
-    return dict(PRESETS[preset], routed_kv_tokens=memory, causal_block_size=block, max_position_embeddings=seq_len)
+    sizes = PRESETS[preset]
+    decoder = dict(
+        decoder_num_heads=sizes["light_num_heads"] + sizes["heavy_num_heads"],
+        decoder_head_dim=sizes["heavy_head_dim"],
+        decoder_intermediate_size=sizes["heavy_intermediate_size"] // 4,
+    )
+    return dict(sizes, **decoder, routed_kv_tokens=memory, causal_block_size=block, max_position_embeddings=seq_len)
 
 
 def parse_config_overrides(pairs: list[str]) -> dict:
@@ -147,11 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset-config", default=None, help="the Hub dataset's configuration name")
     data.add_argument("--text-column", default="text")
     data.add_argument("--label-column", default="label")
+    data.add_argument("--input-column", default="input", help="seq2seq: the column of the inputs")
+    data.add_argument("--target-column", default="target", help="seq2seq: the column of the targets")
     data.add_argument("--eval-fraction", type=float, default=0.05,
                       help="documents held out for evaluation when the data has no validation split")
     data.add_argument("--max-eval-sequences", type=int, default=64,
                       help="evaluate on at most this many sequences, spread over the held-out data")
-    data.add_argument("--seq-len", type=int, default=1024, help="tokens per training sequence (bytes with ByT5)")
+    data.add_argument("--seq-len", type=int, default=1024,
+                      help="tokens per training sequence (bytes with ByT5); seq2seq: per input")
+    data.add_argument("--target-len", type=int, default=128,
+                      help="seq2seq: tokens per target, and the most tokens generated at evaluation")
     train = parser.add_argument_group("training")
     train.add_argument("--steps", type=int, default=300, help="optimizer steps")
     train.add_argument("--batch-size", type=int, default=8, help="sequences per device and step")
@@ -205,7 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "logging_steps"):
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "target_len", "logging_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     for name in ("eval_steps", "save_steps", "max_eval_sequences"):
@@ -223,6 +254,8 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("--bf16 needs a GPU with bfloat16 support; on this machine leave it out.")
     if args.lora_rank < 0:
         parser.error(f"--lora-rank must be >= 0, got {args.lora_rank}.")
+    if args.lora_rank and args.task == "seq2seq":
+        parser.error("--lora-rank is for causal-lm and classification; fine-tune the encoder-decoder fully.")
     if args.lora_rank and args.fsdp:
         parser.error("--lora-rank with --fsdp is not supported: train the adapters with DDP (leave out --fsdp).")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
@@ -290,6 +323,10 @@ class CoLT5Trainer(Trainer):
         super().log(logs, start_time)
 
 
+class CoLT5Seq2SeqTrainer(CoLT5Trainer, Seq2SeqTrainer):
+    """Seq2SeqTrainer (evaluation generates the targets) with CoLT5Trainer's logs."""
+
+
 ROUTER_KINDS = {"queries": (CausalRoutedAttention, "q_router"), "feedforward": (CausalRoutedFeedForward, "router")}
 
 
@@ -328,6 +365,29 @@ def _accuracy(prediction) -> dict[str, float]:
     return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
+def rouge_l_metric(tokenizer: PreTrainedTokenizerBase) -> Callable:
+    """`compute_metrics` for Seq2SeqTrainer's generated predictions: ROUGE-L F1 (in [0, 1], with stemming, as in
+    summarisation papers) of the decoded predictions against the decoded labels, averaged over the samples, and
+    the mean generated length. Needs the `seq2seq` extra (rouge-score)."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as error:
+        raise SystemExit("--task seq2seq scores with ROUGE-L: pip install 'colt5[seq2seq]' (rouge-score).") from error
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+    def compute(prediction) -> dict[str, float]:
+        predictions, labels = prediction
+        predictions = np.where(predictions < 0, tokenizer.pad_token_id, predictions)
+        labels = np.where(labels < 0, tokenizer.pad_token_id, labels)
+        generated = tokenizer.batch_decode(predictions, skip_special_tokens=True)
+        references = tokenizer.batch_decode(labels, skip_special_tokens=True)
+        scores = [scorer.score(reference, text)["rougeL"].fmeasure for reference, text in zip(references, generated)]
+        lengths = [(row != tokenizer.pad_token_id).sum() for row in predictions]
+        return {"rougeL": float(np.mean(scores)), "generated_tokens": float(np.mean(lengths))}
+
+    return compute
+
+
 def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, label_names: list[str] | None):
     """The model to train: from --init-from, or a fresh one from --preset (causal for causal-lm, the paper's
     encoder for classification), with --config overrides."""
@@ -335,6 +395,8 @@ def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, la
     if args.init_from is not None:
         if args.task == "causal-lm":
             return CoLT5ForCausalLM.from_pretrained(args.init_from, **overrides)
+        if args.task == "seq2seq":
+            return CoLT5ForConditionalGeneration.from_pretrained(args.init_from, **overrides)
         return CoLT5ForSequenceClassification.from_pretrained(
             args.init_from, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)}, **overrides,
@@ -349,6 +411,9 @@ def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, la
     if args.task == "causal-lm":
         config = CoLT5Config(**dict(settings, is_causal=True, **overrides))
         return CoLT5ForCausalLM(config)
+    if args.task == "seq2seq":
+        config = CoLT5Config(**dict(settings, is_encoder_decoder=True, **overrides))
+        return CoLT5ForConditionalGeneration(config)
     config = CoLT5Config(**dict(
         settings, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
         label2id={name: i for i, name in enumerate(label_names)}, **overrides,
@@ -430,10 +495,15 @@ def _training_arguments(args: argparse.Namespace, model: PreTrainedModel, resumi
         settings["fsdp_config"] = {
             "version": 2,
             "reshard_after_forward": True,
-            "transformer_layer_cls_to_wrap": model.model._no_split_modules,
+            "transformer_layer_cls_to_wrap": model._no_split_modules if args.task == "seq2seq"
+            else model.model._no_split_modules,
             "state_dict_type": "FULL_STATE_DICT",
             "activation_checkpointing": args.gradient_checkpointing,
         }
+    if args.task == "seq2seq":
+        # max_length counts the decoder's start token.
+        return Seq2SeqTrainingArguments(**settings, predict_with_generate=True,
+                                        generation_max_length=args.target_len + 1, generation_num_beams=1)
     return TrainingArguments(**settings)
 
 
@@ -459,6 +529,12 @@ def prepare_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -
             held_out = evenly_spaced(held_out, args.max_eval_sequences)
             return TrainingData(train, held_out, default_data_collator, splits["validation"], None,
                                 bytes_per_token(held_out, tokenizer))
+        if args.task == "seq2seq":
+            columns = dict(input_column=args.input_column, target_column=args.target_column)
+            train = prepare_seq2seq(splits["train"], tokenizer, args.seq_len, args.target_len, **columns)
+            held_out = prepare_seq2seq(splits["validation"], tokenizer, args.seq_len, args.target_len, **columns)
+            held_out = evenly_spaced(held_out, args.max_eval_sequences)
+            return TrainingData(train, held_out, default_data_collator, splits["validation"], None, None)
         train, names = prepare_classification(
             splits["train"], tokenizer, args.seq_len, args.text_column, args.label_column
         )
@@ -500,7 +576,9 @@ def main(argv: list[str] | None = None) -> None:
         model = add_lora_adapters(model, args.lora_rank, args.task)
     training_args = _training_arguments(args, model, resuming=checkpoint is not None)
     world_size = training_args.world_size
-    tokens_per_step = args.batch_size * args.grad_accum * world_size * args.seq_len
+    # seq2seq: input and target tokens (both padded to their fixed lengths).
+    tokens_per_sequence = args.seq_len + (args.target_len if args.task == "seq2seq" else 0)
+    tokens_per_step = args.batch_size * args.grad_accum * world_size * tokens_per_sequence
     print(
         f"{type(model).__name__}: {model.num_parameters() / 1e6:.2f}M parameters "
         f"({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained); train {len(train_set)} and "
@@ -508,14 +586,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{training_args.device}; bf16 {training_args.bf16}; {tokens_per_step} tokens per step"
     )
     throughput = ThroughputCallback(tokens_per_step)
-    trainer = CoLT5Trainer(
+    metrics = {"classification": _accuracy, "seq2seq": rouge_l_metric(tokenizer) if args.task == "seq2seq" else None}
+    trainer = (CoLT5Seq2SeqTrainer if args.task == "seq2seq" else CoLT5Trainer)(
         model=model,
         args=training_args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=data.collator,
         processing_class=tokenizer,
-        compute_metrics=_accuracy if args.task == "classification" else None,
+        compute_metrics=metrics.get(args.task),
         bytes_per_token=data.bytes_per_token,
         throughput=throughput,
     )
@@ -539,6 +618,12 @@ def main(argv: list[str] | None = None) -> None:
 
     wrapping = _distributed_wrapping(trainer)
     model.config.use_cache = True  # Trainer turns the cache off for training; generation wants it.
+    if args.task == "seq2seq":
+        # Seq2SeqTrainer's evaluation marks the generation config as the user's, so that it would be saved with
+        # every default (max_length 20, which generate() then warns about beside max_new_tokens). The checkpoint
+        # generates targets of the trained length by default instead.
+        model.generation_config = GenerationConfig.from_model_config(model.config)
+        model.generation_config.max_new_tokens = args.target_len
     if args.lora_rank:
         # The adapters on their own, then the model with them merged: the checkpoint loads without peft.
         if trainer.is_world_process_zero():
@@ -579,7 +664,8 @@ def main(argv: list[str] | None = None) -> None:
         "routed_fractions": last_routed_fractions(trainer.state.log_history, model.config),
         "versions": _versions(),
     }
-    sample = _generate_sample(args, data.held_out_documents) if args.task == "causal-lm" else None
+    samplers = {"causal-lm": _generate_sample, "seq2seq": _generate_summary}
+    sample = samplers[args.task](args, data.held_out_documents) if args.task in samplers else None
     summary["sample"] = sample
     origin = f"from {Path(args.init_from).name}" if args.init_from else args.preset
     if plot_losses(curves, args.output_dir / "loss.png", title=f"{type(model).__name__} ({origin})"):
@@ -618,13 +704,39 @@ def _generate_sample(args: argparse.Namespace, held_out) -> dict | None:
             "cache_check": cache_check}
 
 
+def _generate_summary(args: argparse.Namespace, held_out) -> dict | None:
+    """Reloads the saved checkpoint through AutoModelForSeq2SeqLM, generates (greedy) the target of the first
+    held-out input and checks cached generation (`_check_cached_generation`)."""
+    if args.sample_tokens == 0:
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(args.output_dir)
+    model = AutoModelForSeq2SeqLM.from_pretrained(args.output_dir).to(device).eval()
+    source = args.prompt if args.prompt is not None else held_out[0][args.input_column]
+    inputs = tokenizer(source, truncation=True, max_length=args.seq_len, return_tensors="pt").to(device)
+    new_tokens = min(args.sample_tokens, args.target_len)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+        cache_check = None if model.config.random_routing else _check_cached_generation(
+            model, inputs, new_tokens, tokenizer.pad_token_id
+        )
+    return {
+        "prompt": source[:300],
+        "completion": tokenizer.decode(output[0], skip_special_tokens=True),
+        "reference": None if args.prompt is not None else held_out[0][args.target_column],
+        "loaded_with": "AutoModelForSeq2SeqLM",
+        "cache_check": cache_check,
+    }
+
+
 def _check_cached_generation(model: PreTrainedModel, inputs, new_tokens: int, pad_token_id: int) -> dict:
     """Greedy decoding of `new_tokens` tokens with the cache and without it (a full forward pass per token). They
     must agree, or the sample, which decodes with the cache, does not show what the model computes; where they
     part on a near-tie of the uncached logits (`CACHE_CHECK_RTOL`), the check passes on the tokens before."""
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id,
                     return_dict_in_generate=True)
-    start = inputs["input_ids"].shape[1]
+    # An encoder-decoder's output starts with the decoder start token, a decoder's with the prompt.
+    start = 1 if model.config.is_encoder_decoder else inputs["input_ids"].shape[1]
     cached = model.generate(**inputs, use_cache=True, **settings).sequences[0, start:]
     uncached = model.generate(**inputs, use_cache=False, output_logits=True, **settings)
     mismatches = (cached != uncached.sequences[0, start:]).nonzero()
@@ -681,21 +793,27 @@ def _print_summary(summary: dict) -> None:
     start, end = summary["start_eval"], summary["end_eval"]
     print(f"\ncheckpoint: {summary['settings']['output_dir']}  ({summary['steps']} steps, "
           f"{summary['tokens_per_second']:,.0f} training tokens/s on {summary['device']})")
-    for name in ("eval_loss", "eval_bits_per_byte", "eval_accuracy"):
+    for name in EVAL_METRICS:
         if start and name in start and end and name in end:
             print(f"{name}: {start[name]:.4f} (step {start['step']}) -> {end[name]:.4f} (step {end['step']})")
     if summary["routed_fractions"]:
         print(f"routed shares: {routed_fractions_text(summary['routed_fractions'])}")
-    if summary["sample"]:
-        print(f"\nsample from the reloaded checkpoint, prompt then completion:\n{summary['sample']['prompt']}"
-              f"\n{'-' * 40}\n{summary['sample']['completion']}\n")
-        check = summary["sample"]["cache_check"]
-        if check is None:
-            print("cache check: skipped (random routing routes every call anew)")
-        elif check["passed"]:
-            print(f"cache check: {_cache_check_result(check)}")
-        else:
-            print(f"\n{'!' * 80}\n{_cache_check_result(check)}\n{'!' * 80}\n", file=sys.stderr)
+    sample = summary["sample"]
+    if not sample:
+        return
+    if summary["task"] == "seq2seq":
+        print(f"\nsample from the reloaded checkpoint (greedy), the input's start:\n{sample['prompt']}\n{'-' * 40}"
+              f"\ngenerated: {sample['completion']}\nreference: {sample['reference']}\n")
+    else:
+        print(f"\nsample from the reloaded checkpoint, prompt then completion:\n{sample['prompt']}"
+              f"\n{'-' * 40}\n{sample['completion']}\n")
+    check = sample["cache_check"]
+    if check is None:
+        print("cache check: skipped (random routing routes every call anew)")
+    elif check["passed"]:
+        print(f"cache check: {_cache_check_result(check)}")
+    else:
+        print(f"\n{'!' * 80}\n{_cache_check_result(check)}\n{'!' * 80}\n", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
 # Copyright 2026 The CoLT5 developers. Licensed under the Apache License, Version 2.0.
 """Training data for `colt5.train`: documents from the embedded corpus, local files or the Hub, split into train
-and held-out documents, tokenized and packed (language modelling) or truncated with labels (classification).
+and held-out documents, tokenized and packed (language modelling), truncated with labels (classification), or as
+input and target pairs (sequence to sequence).
 
 The embedded corpus is the Python standard library's own source, read from the running interpreter: no download,
-millions of bytes, and real long-range structure (names defined at the top of a file are used far below).
+millions of bytes, and real long-range structure (names defined at the top of a file are used far below). Its
+sequence-to-sequence task is summarising a module: the input is the module's source with every docstring removed,
+the target the first paragraph of its module docstring, written by the module's authors.
 """
 
+import ast
 import math
 import sysconfig
+import textwrap
 import zlib
 from pathlib import Path
 
@@ -54,6 +59,61 @@ def stdlib_classification_documents() -> Dataset:
     return documents.cast_column("label", ClassLabel(names=list(STDLIB_CLASSIFICATION_PACKAGES)))
 
 
+def _summary(docstring: str | None) -> str | None:
+    """A docstring's first paragraph with its whitespace collapsed; None when it is shorter than four words (such
+    as a bare module name), which no reader would call a summary."""
+    if not docstring:
+        return None
+    summary = " ".join(docstring.strip().split("\n\n")[0].split())
+    return summary if len(summary.split()) >= 4 else None
+
+
+def summarization_pairs(source: str) -> list[tuple[str, str]]:
+    """(code, summary) pairs of one Python file: the module without any docstring and its module docstring's first
+    paragraph, and the same for each class with a docstring (its source, dedented). Pairs without a summary are
+    left out. Raises SyntaxError for source that does not parse."""
+    tree = ast.parse(source)
+    documented = [tree, *(node for node in ast.walk(tree) if isinstance(node, ast.ClassDef))]
+    docstring_lines = set()
+    for node in [tree, *(node for node in ast.walk(tree)
+                         if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))]:
+        first = node.body[0] if node.body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            docstring_lines.update(range(first.lineno - 1, first.end_lineno))
+    lines = source.splitlines(keepends=True)
+    pairs = []
+    for node in documented:
+        summary = _summary(ast.get_docstring(node))
+        if summary is None:
+            continue
+        span = range(len(lines)) if node is tree else range(node.lineno - 1, node.end_lineno)
+        code = textwrap.dedent("".join(lines[i] for i in span if i not in docstring_lines))
+        pairs.append((code, summary))
+    return pairs
+
+
+def stdlib_summarization_documents(min_input_chars: int = 1000) -> Dataset:
+    """The embedded sequence-to-sequence task: summarising standard-library code. For each module, and each
+    class, with a docstring and at least `min_input_chars` characters of code: the code without docstrings
+    (`input`), its docstring's first paragraph (`target`) and the file's `path` (a file's pairs stay on one side
+    of the held-out split). The generated codec modules of `encodings` are left out: their docstrings are one
+    template."""
+    rows = {"input": [], "target": [], "path": []}
+    for document in stdlib_documents():
+        if document["package"] == "encodings":
+            continue
+        try:
+            pairs = summarization_pairs(document["text"])
+        except (SyntaxError, ValueError):  # a few files are templates or in an older syntax
+            continue
+        for code, summary in pairs:
+            if len(code) >= min_input_chars:
+                rows["input"].append(code)
+                rows["target"].append(summary)
+                rows["path"].append(document["path"])
+    return Dataset.from_dict(rows)
+
+
 def load_documents(
     data: str | None, dataset_name: str | None, dataset_config: str | None = None, task: str = "causal-lm"
 ) -> DatasetDict:
@@ -70,6 +130,8 @@ def load_documents(
         return _load_hub(dataset_name, dataset_config)
     if task == "classification":
         return DatasetDict(train=stdlib_classification_documents())
+    if task == "seq2seq":
+        return DatasetDict(train=stdlib_summarization_documents())
     return DatasetDict(train=stdlib_documents())
 
 
@@ -208,6 +270,36 @@ def prepare_classification(
         return {"input_ids": encoded["input_ids"], "labels": labels}
 
     return documents.map(encode, batched=True, remove_columns=documents.column_names), names
+
+
+def prepare_seq2seq(
+    documents: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    input_len: int,
+    target_len: int,
+    input_column: str = "input",
+    target_column: str = "target",
+) -> Dataset:
+    """Tokenizes each pair: `input_ids` and `attention_mask` truncated or padded to `input_len` tokens, `labels`
+    the target's tokens with EOS, truncated or padded with -100 to `target_len`. Fixed lengths give every step
+    the same cost, so the measured tokens/s is the model's."""
+    for column, option in ((input_column, "--input-column"), (target_column, "--target-column")):
+        if column not in documents.column_names:
+            raise ValueError(
+                f"Sequence to sequence needs an input and a target column; the data has no {column!r} (columns: "
+                f"{documents.column_names}): pass {option}."
+            )
+
+    def encode(batch: dict) -> dict:
+        inputs = tokenizer(batch[input_column], truncation=True, max_length=input_len, padding="max_length")
+        targets = tokenizer(batch[target_column], truncation=True, max_length=target_len)["input_ids"]
+        labels = [ids + [-100] * (target_len - len(ids)) for ids in targets]
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "labels": labels}
+
+    encoded = documents.map(encode, batched=True, remove_columns=documents.column_names)
+    if len(encoded) == 0:
+        raise ValueError("The data has no input and target pairs.")
+    return encoded
 
 
 def bytes_per_token(sequences: Dataset, tokenizer: PreTrainedTokenizerBase) -> float:

@@ -12,10 +12,14 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 HUB_IGNORE_PATTERNS = ["checkpoint-*", "runs/*", "colt5_train_settings.json"]
 
 
+# What the evaluations of colt5-train measure, by task: language modelling, classification, sequence to sequence.
+EVAL_METRICS = ("eval_loss", "eval_bits_per_byte", "eval_accuracy", "eval_rougeL")
+
+
 @dataclass
 class LossCurves:
     """Losses from Trainer's log history: training loss per logging step, evaluation entries (loss, bits per
-    byte or accuracy) per evaluation."""
+    byte, accuracy or ROUGE-L) per evaluation."""
 
     train_steps: list[int] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
@@ -40,7 +44,7 @@ def loss_curves(log_history: list[dict]) -> LossCurves:
             curves.train_losses.append(entry["loss"])
         if "eval_loss" in entry:
             evals[entry["step"]] = {key: value for key, value in entry.items()
-                                    if key == "step" or key in ("eval_loss", "eval_bits_per_byte", "eval_accuracy")}
+                                    if key == "step" or key in EVAL_METRICS}
     curves.evals = [evals[step] for step in sorted(evals)]
     return curves
 
@@ -79,6 +83,8 @@ def _format_eval(entry: dict | None) -> str:
         parts.append(f"{entry['eval_bits_per_byte']:.3f} bits per byte")
     if "eval_accuracy" in entry:
         parts.append(f"accuracy {entry['eval_accuracy']:.3f}")
+    if "eval_rougeL" in entry:
+        parts.append(f"ROUGE-L {entry['eval_rougeL']:.3f} (greedy generation)")
     return f"{', '.join(parts)} (step {entry['step']})"
 
 
@@ -95,11 +101,14 @@ def routed_fractions_text(fractions: dict[str, dict[str, float]]) -> str:
 def write_model_card(output_dir: Path, summary: dict) -> Path:
     """Writes `output_dir/README.md`: Hub metadata, how to load the model, the training settings and the measured
     evaluation numbers of `summary` (as built by `colt5.train`)."""
-    causal = summary["task"] == "causal-lm"
-    auto_class = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
+    auto_class, pipeline_tag = {
+        "causal-lm": ("AutoModelForCausalLM", "text-generation"),
+        "classification": ("AutoModelForSequenceClassification", "text-classification"),
+        "seq2seq": ("AutoModelForSeq2SeqLM", "summarization"),
+    }[summary["task"]]
     metadata = ModelCardData(
         library_name="transformers",
-        pipeline_tag="text-generation" if causal else "text-classification",
+        pipeline_tag=pipeline_tag,
         tags=["colt5", "long-context", "conditional-computation", "byte-level"],
         license="apache-2.0",
         datasets=[summary["data"]] if summary["settings"].get("dataset") else None,
@@ -129,20 +138,27 @@ def write_model_card(output_dir: Path, summary: dict) -> Path:
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     sample = ""
-    if summary.get("sample"):
+    if summary.get("sample") and summary["task"] == "seq2seq":
+        reference = summary["sample"]["reference"]
+        sample = (
+            "\n## Sample\n\nGenerated (greedy) by this checkpoint after reloading it, for a held-out input that "
+            f"starts:\n\n```text\n{summary['sample']['prompt']}\n```\n\n- generated: {summary['sample']['completion']}\n"
+            + (f"- reference: {reference}\n" if reference is not None else "")
+        )
+    elif summary.get("sample"):
         sample = (
             "\n## Sample\n\nSampled (temperature 0.8, top-k 40) from this checkpoint after reloading it, continuing "
             f"a held-out prompt:\n\n```text\n{summary['sample']['prompt']}{summary['sample']['completion']}\n```\n"
         )
-        check = summary["sample"]["cache_check"]
-        if check and check["passed"]:
-            agreed = check["new_tokens"] if check["first_mismatch"] is None else check["first_mismatch"]
-            sample += (f"\nGreedy decoding with the cache equals decoding without it over the first {agreed} new "
-                       "tokens (checked after training).\n")
-        elif check:
-            sample += (f"\n**Warning: greedy decoding with the cache differed from decoding without it from new token "
-                       f"{check['first_mismatch']} on (checked after training): the sample is not what the model "
-                       "computes.**\n")
+    check = summary["sample"]["cache_check"] if summary.get("sample") else None
+    if check and check["passed"]:
+        agreed = check["new_tokens"] if check["first_mismatch"] is None else check["first_mismatch"]
+        sample += (f"\nGreedy decoding with the cache equals decoding without it over the first {agreed} new "
+                   "tokens (checked after training).\n")
+    elif check:
+        sample += (f"\n**Warning: greedy decoding with the cache differed from decoding without it from new token "
+                   f"{check['first_mismatch']} on (checked after training): the sample is not what the model "
+                   "computes.**\n")
     plot = "\n![loss curves](loss.png)\n" if (output_dir / "loss.png").is_file() else ""
     body = f"""
 # {summary['model_class']}, trained with colt5-train

@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny CoLT5 config factory and a fixed torch seed for every test."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -48,6 +50,29 @@ def pythonpath_without_package() -> str:
     other entries (e.g. a folder of extra wheels on a GPU machine)."""
     entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     return os.pathsep.join(e for e in entries if e and not os.path.isdir(os.path.join(e, "colt5")))
+
+
+@pytest.fixture
+def run_without_package(tmp_path, pythonpath_without_package):
+    """Runs a Python `script` with `args` in `tmp_path`, offline, where this package cannot be imported and with a
+    fresh modules cache (`tmp_path / "hf_home"`), as a machine that loads a checkpoint as remote code; asserts that
+    it exits 0 and printed "REMOTE OK"."""
+
+    def run(script: str, *args: str) -> subprocess.CompletedProcess:
+        (tmp_path / "remote.py").write_text(script)
+        hf_home = tmp_path / "hf_home"
+        hf_home.mkdir(exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": pythonpath_without_package, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
+        env.pop("HF_MODULES_CACHE", None)
+        result = subprocess.run(
+            [sys.executable, "remote.py", *args], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "REMOTE OK" in result.stdout
+        return result
+
+    return run
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,6 @@ running statistics on every forward pass, which would change later calls). Toler
 """
 
 import copy
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -713,7 +710,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_generate_as_remote_code_without_the_package(causal_config, tmp_path, pythonpath_without_package):
+def test_generate_as_remote_code_without_the_package(causal_config, tmp_path, run_without_package):
     model = CoLT5ForCausalLM(causal_config()).eval()
     expected_statistics = distinctive_router_statistics(model)
     model.save_pretrained(tmp_path / "model")
@@ -721,24 +718,9 @@ def test_generate_as_remote_code_without_the_package(causal_config, tmp_path, py
     settings = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)
     expected = model.generate(prompt, **settings)
     torch.save(dict(prompt=prompt, settings=settings, expected=expected), tmp_path / "inputs.pt")
-    (tmp_path / "remote.py").write_text(REMOTE_SCRIPT)
-    hf_home = tmp_path / "hf_home"
-    hf_home.mkdir()
-    env = {**os.environ, "PYTHONPATH": pythonpath_without_package, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
-    env.pop("HF_MODULES_CACHE", None)
-
-    result = subprocess.run(
-        [sys.executable, "remote.py", "model", "inputs.pt", "outputs.pt"],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "REMOTE OK" in result.stdout
-    assert any(hf_home.rglob("causal_attention.py"))  # the checkpoint's code ran from the modules cache
+    run_without_package(REMOTE_SCRIPT, "model", "inputs.pt", "outputs.pt")
+    # The checkpoint's code ran from the modules cache.
+    assert any((tmp_path / "hf_home").rglob("causal_attention.py"))
 
     remote = torch.load(tmp_path / "outputs.pt")
     assert torch.equal(remote["generated"], expected)

@@ -5,8 +5,6 @@ import ast
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -56,6 +54,7 @@ def test_config_defaults_are_colt5_base():
         "AutoModel": "modeling_colt5.CoLT5Model",
         "AutoModelForCausalLM": "modeling_colt5.CoLT5ForCausalLM",
         "AutoModelForSequenceClassification": "modeling_colt5.CoLT5ForSequenceClassification",
+        "AutoModelForSeq2SeqLM": "modeling_colt5.CoLT5ForConditionalGeneration",
     }
 
 
@@ -429,6 +428,7 @@ def test_save_pretrained_writes_weights_config_and_code(model, tmp_path):
         "AutoModel": "modeling_colt5.CoLT5Model",
         "AutoModelForCausalLM": "modeling_colt5.CoLT5ForCausalLM",
         "AutoModelForSequenceClassification": "modeling_colt5.CoLT5ForSequenceClassification",
+        "AutoModelForSeq2SeqLM": "modeling_colt5.CoLT5ForConditionalGeneration",
     }
 
 
@@ -519,32 +519,16 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_load_as_remote_code_without_the_package(tiny_config, tmp_path, pythonpath_without_package):
+def test_load_as_remote_code_without_the_package(tiny_config, tmp_path, run_without_package):
     model = CoLT5Model(tiny_config(num_kv_routing_sets=2)).eval()
     classifier = CoLT5ForSequenceClassification(tiny_config(num_labels=3)).eval()
     model.save_pretrained(tmp_path / "model")
     classifier.save_pretrained(tmp_path / "classifier")
     inputs = dict(input_ids=random_ids(2, 40), attention_mask=length_mask([40, 26], 40))
     torch.save(inputs, tmp_path / "inputs.pt")
-    (tmp_path / "remote.py").write_text(REMOTE_SCRIPT)
-    hf_home = tmp_path / "hf_home"
-    hf_home.mkdir()
-    env = {**os.environ, "PYTHONPATH": pythonpath_without_package, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
-    env.pop("HF_MODULES_CACHE", None)
-
-    result = subprocess.run(
-        [sys.executable, "remote.py", "model", "classifier", "inputs.pt", "outputs.pt"],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "REMOTE OK" in result.stdout
+    run_without_package(REMOTE_SCRIPT, "model", "classifier", "inputs.pt", "outputs.pt")
     # The checkpoint's code was copied into the fresh modules cache.
-    assert any(hf_home.rglob("modeling_colt5.py"))
+    assert any((tmp_path / "hf_home").rglob("modeling_colt5.py"))
 
     remote = torch.load(tmp_path / "outputs.pt")
     with torch.no_grad():
