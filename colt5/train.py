@@ -586,7 +586,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{training_args.device}; bf16 {training_args.bf16}; {tokens_per_step} tokens per step"
     )
     throughput = ThroughputCallback(tokens_per_step)
-    metrics = {"classification": _accuracy, "seq2seq": rouge_l_metric(tokenizer) if args.task == "seq2seq" else None}
+    compute_metrics = None
+    if args.task == "classification":
+        compute_metrics = _accuracy
+    elif args.task == "seq2seq":
+        compute_metrics = rouge_l_metric(tokenizer)
     trainer = (CoLT5Seq2SeqTrainer if args.task == "seq2seq" else CoLT5Trainer)(
         model=model,
         args=training_args,
@@ -594,7 +598,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_dataset=eval_set,
         data_collator=data.collator,
         processing_class=tokenizer,
-        compute_metrics=metrics.get(args.task),
+        compute_metrics=compute_metrics,
         bytes_per_token=data.bytes_per_token,
         throughput=throughput,
     )

@@ -42,3 +42,13 @@ def test_migration_example_runs():
     exec(compile(example, "README.md migration example", "exec"), namespace)
     assert namespace["out"].shape == (2, 2048, 512)
     assert namespace["block"].attention.light_window_size == 64  # light_window_size=128: 64 tokens on each side
+
+
+def test_encoder_decoder_example_runs(tmp_path, monkeypatch):
+    (example,) = section_examples("## Encoder-decoder (`CoLT5ForConditionalGeneration`)")
+    monkeypatch.chdir(tmp_path)  # it saves a checkpoint folder
+    namespace: dict = {}
+    exec(compile(example, "README.md encoder-decoder example", "exec"), namespace)
+    assert namespace["summaries"].shape[0] == 2 and namespace["summaries"].shape[1] <= 17
+    assert type(namespace["reloaded"]).__name__ == "CoLT5ForConditionalGeneration"
+    assert namespace["model"].encoder.embed_tokens.weight.grad is not None
