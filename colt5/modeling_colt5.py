@@ -21,7 +21,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple
+from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -35,6 +35,8 @@ from .routed_attention import ConditionalRoutedAttention
 from .routed_block import CausalRoutedTransformerBlock, ConditionalRoutedTransformerBlock
 from .routed_feedforward import GatedMLP
 from .router import TokenScorer
+
+logger = logging.get_logger(__name__)
 
 
 def _block_kwargs(config: CoLT5Config) -> dict:
@@ -126,20 +128,35 @@ def _validate_inputs(
     inputs_embeds: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     past_length: int = 0,
+    prefix: str = "",
 ) -> None:
+    """Checks a stack's inputs; `prefix` is how the caller names them (the decoder's are `decoder_input_ids`, ...)."""
+    ids, embeds, mask = f"{prefix}input_ids", f"{prefix}inputs_embeds", f"{prefix}attention_mask"
     if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        raise ValueError(f"Pass exactly one of {ids} or {embeds}.")
     if input_ids is not None and input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}.")
+        raise ValueError(f"{ids} must be (batch, sequence), got shape {tuple(input_ids.shape)}.")
     if inputs_embeds is not None and inputs_embeds.dim() != 3:
-        raise ValueError(f"inputs_embeds must be (batch, sequence, hidden), got shape {tuple(inputs_embeds.shape)}.")
+        raise ValueError(f"{embeds} must be (batch, sequence, hidden), got shape {tuple(inputs_embeds.shape)}.")
     batch, length = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
     if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_length + length):
         cached = f" (the {past_length} cached tokens and the {length} new ones)" if past_length else ""
         raise ValueError(
-            f"attention_mask must have shape (batch, sequence) = {(batch, past_length + length)}{cached}, "
+            f"{mask} must have shape (batch, sequence) = {(batch, past_length + length)}{cached}, "
             f"got {tuple(attention_mask.shape)}: pass the tokenizer's 2-D padding mask (1 = token, 0 = padding)."
         )
+
+
+def _expand_position_ids(
+    position_ids: torch.Tensor, batch: int, length: int, name: str = "position_ids"
+) -> torch.Tensor:
+    """Given positions of shape `(length,)`, `(1, length)` or `(batch, length)` as `(batch, length)`."""
+    if position_ids.shape not in ((length,), (1, length), (batch, length)):
+        raise ValueError(
+            f"{name} must have shape (sequence,), (1, sequence) or (batch, sequence) = {(batch, length)}, got "
+            f"{tuple(position_ids.shape)}."
+        )
+    return position_ids.expand(batch, length)
 
 
 @auto_docstring
@@ -245,12 +262,7 @@ class CoLT5Model(CoLT5PreTrainedModel):
         """`(batch, length)` rotary positions: the given ones broadcast, else 0..n-1 for the encoder and the valid
         index (padding does not count, cached tokens do) for the causal model."""
         if position_ids is not None:
-            if position_ids.shape not in ((length,), (1, length), (batch, length)):
-                raise ValueError(
-                    "position_ids must have shape (sequence,), (1, sequence) or (batch, sequence) = "
-                    f"{(batch, length)}, got {tuple(position_ids.shape)}."
-                )
-            return position_ids.expand(batch, length)
+            return _expand_position_ids(position_ids, batch, length)
         if not self.config.is_causal:
             return torch.arange(length, device=device).expand(batch, length)
         if mask is None:
@@ -417,12 +429,13 @@ class CoLT5DecoderSelfAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
-# Up to this many scores per sample the cross attention uses SDPA's math kernel (two matrix products and a softmax).
-# The memory-efficient kernel, the fused one that takes a padding mask, runs one thread block per 64 query rows over
-# all keys: a decoding step's few rows (the heads folded in) then read the whole input on one SM. On an H200 with
-# 65,536 input tokens, bf16: 3.1 ms per layer and step against 0.21 ms for the math kernel (0.85 vs 0.21 ms at
-# 16,384), and for a 128-token target in training (1,024 rows) 3.4 vs 1.8 ms forward. The math kernel materialises
-# the scores, so beyond this size (256 MiB in bf16) the fused kernel's memory saving wins.
+# Up to this many scores per call (batch x query rows x keys) the cross attention uses SDPA's math kernel (two matrix
+# products and a softmax). The memory-efficient kernel, the fused one that takes a padding mask, runs one thread
+# block per 64 query rows over all keys: a decoding step's few rows (the heads folded in) then read the whole input
+# on one SM. On an H200 with 65,536 input tokens, bf16: 3.1 ms per layer and step against 0.21 ms for the math
+# kernel (0.85 vs 0.21 ms at 16,384), and for a 128-token target in training (1,024 rows) 3.4 vs 1.8 ms forward. The
+# math kernel materialises the scores in float32 (it upcasts bf16), 512 MiB at this size, and as much again for the
+# probabilities that training keeps: beyond it the fused kernel's memory saving wins.
 MATH_CROSS_ATTENTION_MAX_SCORES = 2**27
 
 
@@ -470,7 +483,7 @@ class CoLT5MultiQueryCrossAttention(nn.Module):
         q = q.reshape(batch, 1, self.num_heads * length, self.head_dim)
         out = masked_sdpa(
             q, k, v, encoder_attention_mask, self.attention_dropout if self.training else 0.0,
-            math_only=q.shape[2] * k.shape[2] <= MATH_CROSS_ATTENTION_MAX_SCORES,
+            math_only=batch * q.shape[2] * k.shape[2] <= MATH_CROSS_ATTENTION_MAX_SCORES,
         )
         out = out.view(batch, self.num_heads, length, self.head_dim).transpose(1, 2)
         return self.o_proj(out.reshape(batch, length, -1))
@@ -575,8 +588,13 @@ class CoLT5Decoder(CoLT5PreTrainedModel):
                 f"The decoder's cache must be an EncoderDecoderCache, got {type(cache).__name__}: pass "
                 "EncoderDecoderCache(DynamicCache(), DynamicCache()) or use_cache=True (generate() does this)."
             )
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing and (use_cache or cache is not None):
+            # The checkpointed layers run twice; the second run would append to the cache again.
+            logger.warning_once("The decoder uses no cache under gradient checkpointing: setting use_cache=False.")
+            use_cache, cache = False, None
         past_length = cache.get_seq_length() if cache is not None else 0
-        _validate_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+        _validate_inputs(input_ids, inputs_embeds, attention_mask, past_length, prefix="decoder_")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
@@ -584,16 +602,13 @@ class CoLT5Decoder(CoLT5PreTrainedModel):
             raise ValueError(
                 f"encoder_hidden_states has batch size {encoder_hidden_states.shape[0]}, the decoder inputs {batch}."
             )
-        if use_cache and cache is None:
+        if use_cache and cache is None and not self.training:
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         device = inputs_embeds.device
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + length, device=device).expand(batch, length)
-        elif position_ids.shape not in ((length,), (1, length), (batch, length)):
-            raise ValueError(
-                "decoder position_ids must have shape (sequence,), (1, sequence) or (batch, sequence) = "
-                f"{(batch, length)}, got {tuple(position_ids.shape)}."
-            )
+        else:
+            position_ids = _expand_position_ids(position_ids, batch, length, name="decoder_position_ids")
         self_attention_mask = None
         if length > 1 or attention_mask is not None:
             queries = torch.arange(past_length, past_length + length, device=device)[:, None]
@@ -601,9 +616,9 @@ class CoLT5Decoder(CoLT5PreTrainedModel):
             self_attention_mask = queries >= keys
             if attention_mask is not None:
                 # A padded query with no key left (left padding) attends to itself: finite, and its output unused.
-                self_attention_mask = self_attention_mask & attention_mask.bool()[:, None, :] | (queries == keys)
+                self_attention_mask = (self_attention_mask & attention_mask.bool()[:, None, :]) | (queries == keys)
             self_attention_mask = self_attention_mask.expand(batch, length, past_length + length)[:, None]
-        position_embeddings = self.rotary_emb(position_ids.expand(batch, length), inputs_embeds.dtype)
+        position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
         cross_attention_mask = _encoder_attention_mask(encoder_attention_mask)
 
         hidden_states = inputs_embeds
@@ -630,8 +645,8 @@ class CoLT5Decoder(CoLT5PreTrainedModel):
 )
 class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {
-        "decoder.embed_tokens.weight": "encoder.embed_tokens.weight",
-        "lm_head.weight": "encoder.embed_tokens.weight",
+        "decoder.embed_tokens.weight": "model.embed_tokens.weight",
+        "lm_head.weight": "model.embed_tokens.weight",
     }
 
     def __init__(self, config: CoLT5Config):
@@ -642,20 +657,37 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
             )
         super().__init__(config)
         self._no_split_modules = [CoLT5Layer.__name__, CoLT5DecoderLayer.__name__]
-        self.encoder = CoLT5Model(config)
+        # The encoder is the backbone (`model`, as in the other heads): AutoModel loads it from this model's
+        # checkpoints, and this model starts from a CoLT5Model checkpoint with a fresh decoder.
+        self.model = CoLT5Model(config)
         self.decoder = CoLT5Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # Labels are the decoder's own targets (T5's convention: the decoder inputs are the labels shifted right).
         self.loss_type = "ForMaskedLM"
         self.post_init()
 
+    @property
+    def encoder(self) -> CoLT5Model:
+        """The routed encoder (`get_encoder()`, and `model` in the state dict)."""
+        return self.model
+
     def get_input_embeddings(self) -> nn.Embedding:
-        return self.encoder.embed_tokens
+        return self.model.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.encoder.embed_tokens = value
+        self.model.embed_tokens = value
         if self.config.tie_word_embeddings:
             self.decoder.embed_tokens = value
+
+    def _resize_token_embeddings(
+        self, new_num_tokens: int | None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        if self.decoder.embed_tokens is not embeddings:  # untied: the decoder's own input embedding follows
+            self.decoder.embed_tokens = self._get_resized_embeddings(
+                self.decoder.embed_tokens, embeddings.num_embeddings, mean_resizing=mean_resizing
+            )
+        return embeddings
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -667,8 +699,8 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
         """Decoder inputs from labels: `decoder_start_token_id`, then the labels but the last, -100 as padding."""
         shifted = labels.new_full(labels.shape, self.config.decoder_start_token_id)
         shifted[:, 1:] = labels[:, :-1]
-        return shifted.masked_fill(shifted == -100, self.config.pad_token_id if self.config.pad_token_id is not None
-                                   else self.config.decoder_start_token_id)
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else self.config.decoder_start_token_id
+        return shifted.masked_fill(shifted == -100, pad)
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.LongTensor) -> torch.LongTensor:
         return self._shift_right(labels)
@@ -713,7 +745,7 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
             Target tokens, aligned with the decoder outputs (no shift); -100 is ignored.
         """
         if encoder_outputs is None:
-            encoder_outputs = self.encoder(
+            encoder_outputs = self.model(
                 input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
             )
         elif isinstance(encoder_outputs, tuple):  # return_dict=False: (last_hidden_state, hidden_states, ...)

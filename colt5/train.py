@@ -17,6 +17,7 @@ docstring), evaluated by generating the targets and scoring them with ROUGE-L (t
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -113,20 +114,21 @@ def causal_memory_and_block(seq_len: int) -> tuple[int, int]:
     return memory, min(memory, 1024)
 
 
-def preset_config(preset: str, seq_len: int) -> dict:
+def preset_config(preset: str, seq_len: int, task: str = "causal-lm") -> dict:
     """CoLT5Config settings of a preset for `seq_len`-token sequences (causal routing: `causal_memory_and_block`).
-    The encoder-decoder's decoder has as many heads as the encoder's two branches together, of the heavy heads'
-    width, and an MLP a quarter of the heavy one (for `base` and `large` the T5 v1.1 decoder of that width)."""
+    For seq2seq the decoder has as many heads as the encoder's two branches together, of the heavy heads' width,
+    and an MLP a quarter of the heavy one (for `base` and `large` the T5 v1.1 decoder of that width)."""
     if preset not in PRESETS:
         raise ValueError(f"Unknown --preset {preset!r}: choose one of {sorted(PRESETS)}.")
     memory, block = causal_memory_and_block(seq_len)
-    sizes = PRESETS[preset]
-    decoder = dict(
-        decoder_num_heads=sizes["light_num_heads"] + sizes["heavy_num_heads"],
-        decoder_head_dim=sizes["heavy_head_dim"],
-        decoder_intermediate_size=sizes["heavy_intermediate_size"] // 4,
-    )
-    return dict(sizes, **decoder, routed_kv_tokens=memory, causal_block_size=block, max_position_embeddings=seq_len)
+    sizes = dict(PRESETS[preset], routed_kv_tokens=memory, causal_block_size=block, max_position_embeddings=seq_len)
+    if task == "seq2seq":
+        sizes.update(
+            decoder_num_heads=sizes["light_num_heads"] + sizes["heavy_num_heads"],
+            decoder_head_dim=sizes["heavy_head_dim"],
+            decoder_intermediate_size=sizes["heavy_intermediate_size"] // 4,
+        )
+    return sizes
 
 
 def parse_config_overrides(pairs: list[str]) -> dict:
@@ -254,6 +256,8 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("--bf16 needs a GPU with bfloat16 support; on this machine leave it out.")
     if args.lora_rank < 0:
         parser.error(f"--lora-rank must be >= 0, got {args.lora_rank}.")
+    if args.task == "seq2seq" and importlib.util.find_spec("rouge_score") is None:
+        parser.error("--task seq2seq scores with ROUGE-L: pip install 'colt5[seq2seq]' (rouge-score).")
     if args.lora_rank and args.task == "seq2seq":
         parser.error("--lora-rank is for causal-lm and classification; fine-tune the encoder-decoder fully.")
     if args.lora_rank and args.fsdp:
@@ -369,10 +373,8 @@ def rouge_l_metric(tokenizer: PreTrainedTokenizerBase) -> Callable:
     """`compute_metrics` for Seq2SeqTrainer's generated predictions: ROUGE-L F1 (in [0, 1], with stemming, as in
     summarisation papers) of the decoded predictions against the decoded labels, averaged over the samples, and
     the mean generated length. Needs the `seq2seq` extra (rouge-score)."""
-    try:
-        from rouge_score import rouge_scorer
-    except ImportError as error:
-        raise SystemExit("--task seq2seq scores with ROUGE-L: pip install 'colt5[seq2seq]' (rouge-score).") from error
+    from rouge_score import rouge_scorer  # the seq2seq extra: colt5-train checks for it before it starts
+
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
     def compute(prediction) -> dict[str, float]:
@@ -390,7 +392,7 @@ def rouge_l_metric(tokenizer: PreTrainedTokenizerBase) -> Callable:
 
 def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, label_names: list[str] | None):
     """The model to train: from --init-from, or a fresh one from --preset (causal for causal-lm, the paper's
-    encoder for classification), with --config overrides."""
+    encoder for classification, its encoder-decoder for seq2seq), with --config overrides."""
     overrides = parse_config_overrides(args.config)
     if args.init_from is not None:
         if args.task == "causal-lm":
@@ -402,7 +404,7 @@ def build_model(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase, la
             label2id={name: i for i, name in enumerate(label_names)}, **overrides,
         )
     settings = dict(
-        preset_config(args.preset, args.seq_len),
+        preset_config(args.preset, args.seq_len, args.task),
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -517,8 +519,9 @@ class TrainingData(NamedTuple):
 
 
 def prepare_data(args: argparse.Namespace, tokenizer: PreTrainedTokenizerBase) -> TrainingData:
-    """Loads and splits the documents, then packs them (language modelling) or encodes them with labels
-    (classification). Bad data settings end the run here with a message (SystemExit)."""
+    """Loads and splits the documents, then packs them (language modelling), encodes them with labels
+    (classification) or as input and target pairs (seq2seq). Bad data settings end the run here with a message
+    (SystemExit)."""
     try:
         splits = split_documents(
             load_documents(args.data, args.dataset, args.dataset_config, args.task), args.eval_fraction, args.seed
@@ -683,14 +686,20 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"colt5-train: {_cache_check_result(sample['cache_check'])}")
 
 
+def _reload(output_dir: Path, auto_class: type) -> tuple[str, PreTrainedTokenizerBase, PreTrainedModel]:
+    """The saved checkpoint and tokenizer, through `auto_class` (so the sample also shows that it loads), in
+    evaluation mode on the GPU when there is one."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    return device, tokenizer, auto_class.from_pretrained(output_dir).to(device).eval()
+
+
 def _generate_sample(args: argparse.Namespace, held_out) -> dict | None:
     """Reloads the saved checkpoint through AutoModelForCausalLM (so the sample also shows that it loads),
     samples `--sample-tokens` bytes after the prompt and checks cached generation (`_check_cached_generation`)."""
     if args.sample_tokens == 0:
         return None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(args.output_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.output_dir).to(device).eval()
+    device, tokenizer, model = _reload(args.output_dir, AutoModelForCausalLM)
     prompt = args.prompt if args.prompt is not None else held_out[0][args.text_column][:256]
     inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(device)
     torch.manual_seed(args.seed)
@@ -713,9 +722,7 @@ def _generate_summary(args: argparse.Namespace, held_out) -> dict | None:
     held-out input and checks cached generation (`_check_cached_generation`)."""
     if args.sample_tokens == 0:
         return None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(args.output_dir)
-    model = AutoModelForSeq2SeqLM.from_pretrained(args.output_dir).to(device).eval()
+    device, tokenizer, model = _reload(args.output_dir, AutoModelForSeq2SeqLM)
     source = args.prompt if args.prompt is not None else held_out[0][args.input_column]
     inputs = tokenizer(source, truncation=True, max_length=args.seq_len, return_tensors="pt").to(device)
     new_tokens = min(args.sample_tokens, args.target_len)
@@ -739,10 +746,10 @@ def _check_cached_generation(model: PreTrainedModel, inputs, new_tokens: int, pa
     part on a near-tie of the uncached logits (`CACHE_CHECK_RTOL`), the check passes on the tokens before."""
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id,
                     return_dict_in_generate=True)
-    # An encoder-decoder's output starts with the decoder start token, a decoder's with the prompt.
-    start = 1 if model.config.is_encoder_decoder else inputs["input_ids"].shape[1]
-    cached = model.generate(**inputs, use_cache=True, **settings).sequences[0, start:]
+    # Exactly new_tokens are generated, after the prompt (a decoder) or the decoder start token (an encoder-decoder).
+    cached = model.generate(**inputs, use_cache=True, **settings).sequences[0, -new_tokens:]
     uncached = model.generate(**inputs, use_cache=False, output_logits=True, **settings)
+    start = uncached.sequences.shape[1] - new_tokens
     mismatches = (cached != uncached.sequences[0, start:]).nonzero()
     if len(mismatches) == 0:
         return {"new_tokens": new_tokens, "first_mismatch": None, "logit_gap": None, "passed": True}

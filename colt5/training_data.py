@@ -5,8 +5,8 @@ input and target pairs (sequence to sequence).
 
 The embedded corpus is the Python standard library's own source, read from the running interpreter: no download,
 millions of bytes, and real long-range structure (names defined at the top of a file are used far below). Its
-sequence-to-sequence task is summarising a module: the input is the module's source with every docstring removed,
-the target the first paragraph of its module docstring, written by the module's authors.
+sequence-to-sequence task is summarising code: the input is a module's or a class's source with every docstring
+removed, the target the first paragraph of its own docstring, written by the code's authors.
 """
 
 import ast

@@ -118,9 +118,35 @@ def test_labels_are_shifted_right_into_decoder_inputs(model):
     assert torch.equal(from_labels.loss, explicit.loss)
 
 
-def test_decoder_inputs_are_required(model):
+def test_decoder_inputs_are_required_and_named_in_errors(model):
     with pytest.raises(ValueError, match="decoder_input_ids"):
         model(random_ids(1, 20))
+    decoder_ids = random_ids(1, 3)
+    with pytest.raises(ValueError, match="exactly one of decoder_input_ids or decoder_inputs_embeds"):
+        model(random_ids(1, 20), decoder_input_ids=decoder_ids, decoder_inputs_embeds=torch.randn(1, 3, 64))
+    with pytest.raises(ValueError, match="decoder_attention_mask must have shape"):
+        model(random_ids(1, 20), decoder_input_ids=decoder_ids, decoder_attention_mask=torch.ones(1, 5))
+    with pytest.raises(ValueError, match="decoder_position_ids must have shape"):
+        model(random_ids(1, 20), decoder_input_ids=decoder_ids, decoder_position_ids=torch.arange(4))
+
+
+def test_embeddings_equal_ids(model):
+    ids, decoder_ids = random_ids(2, 30), random_ids(2, 6)
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        from_ids = model(ids, decoder_input_ids=decoder_ids).logits
+        from_embeds = model(inputs_embeds=embed(ids), decoder_inputs_embeds=embed(decoder_ids)).logits
+    torch.testing.assert_close(from_embeds, from_ids, atol=1e-6, rtol=1e-6)
+
+
+def test_loss_divides_by_num_items_in_batch(model):
+    """Trainer passes the label count of the whole accumulation window; the loss sums over this batch's labels."""
+    ids, labels = random_ids(2, 30), random_ids(2, 5)
+    labels[1, 3:] = -100
+    with torch.no_grad():
+        mean = model(ids, labels=labels).loss
+        scaled = model(ids, labels=labels, num_items_in_batch=torch.tensor(16)).loss
+    torch.testing.assert_close(scaled, mean * 8 / 16)
 
 
 def test_decoder_is_causal(model):
@@ -189,24 +215,42 @@ def test_hidden_states_of_encoder_and_decoder(model):
     assert out.decoder_hidden_states[0].shape == (1, 5, 64)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_resize_token_embeddings_resizes_all_three(seq2seq_config, tie):
+    model = CoLT5ForConditionalGeneration(seq2seq_config(tie_word_embeddings=tie)).eval()
+    model.resize_token_embeddings(320)
+    sizes = [m.weight.shape[0] for m in (model.model.embed_tokens, model.decoder.embed_tokens, model.lm_head)]
+    assert sizes == [320, 320, 320] and model.config.vocab_size == 320
+    assert (model.decoder.embed_tokens.weight is model.model.embed_tokens.weight) == tie
+    with torch.no_grad():
+        logits = model(torch.full((1, 12), 310), decoder_input_ids=torch.tensor([[315, 2]])).logits
+    assert logits.shape == (1, 2, 320) and torch.isfinite(logits).all()
+
+
 def test_tied_and_untied_embeddings(seq2seq_config):
     tied = CoLT5ForConditionalGeneration(seq2seq_config())
-    assert tied.decoder.embed_tokens.weight is tied.encoder.embed_tokens.weight is tied.lm_head.weight
+    assert tied.decoder.embed_tokens.weight is tied.model.embed_tokens.weight is tied.lm_head.weight
     untied = CoLT5ForConditionalGeneration(seq2seq_config(tie_word_embeddings=False))
-    weights = {id(untied.encoder.embed_tokens.weight), id(untied.decoder.embed_tokens.weight),
+    weights = {id(untied.model.embed_tokens.weight), id(untied.decoder.embed_tokens.weight),
                id(untied.lm_head.weight)}
     assert len(weights) == 3
 
 
 @pytest.mark.filterwarnings("ignore:.*deprecated.*:FutureWarning")
-def test_gradient_checkpointing_gives_same_gradients(seq2seq_config):
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_gradient_checkpointing_gives_same_gradients(seq2seq_config, use_cache):
+    """With a cache passed in too: the checkpointed layers' second run must not append to it again (the decoder
+    drops it under checkpointing, as transformers' layers do)."""
     model = CoLT5ForConditionalGeneration(seq2seq_config()).train()
     ids, mask = random_ids(2, 40), length_mask([40, 30], 40)
     labels = random_ids(2, 8)
 
     def gradients():
         model.zero_grad()
-        model(ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache()) if use_cache else None
+        out = model(ids, attention_mask=mask, labels=labels, use_cache=use_cache, cache=cache)
+        assert (out.get(CACHE_NAME) is None) == (not use_cache or model.is_gradient_checkpointing)
+        out.loss.backward()
         return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
     plain = gradients()
@@ -278,7 +322,7 @@ def test_auto_model_round_trip_is_exact(model, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
     assert type(loaded) is CoLT5ForConditionalGeneration
-    assert loaded.decoder.embed_tokens.weight is loaded.encoder.embed_tokens.weight
+    assert loaded.decoder.embed_tokens.weight is loaded.model.embed_tokens.weight
     sa, sb = model.state_dict(), loaded.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     ids, mask = random_ids(2, 40), length_mask([40, 26], 40)
@@ -287,13 +331,32 @@ def test_auto_model_round_trip_is_exact(model, tmp_path):
                            loaded.generate(ids, attention_mask=mask, max_new_tokens=6))
 
 
+def test_encoder_loads_as_colt5_model_and_starts_an_encoder_decoder(model, seq2seq_config, tmp_path):
+    """The encoder is the backbone (`model.*`): AutoModel loads it from an encoder-decoder checkpoint, and an
+    encoder-decoder starts from a CoLT5Model checkpoint (its decoder fresh)."""
+    from transformers import AutoModel
+
+    model.save_pretrained(tmp_path / "seq2seq")
+    encoder = AutoModel.from_pretrained(tmp_path / "seq2seq")
+    assert type(encoder).__name__ == "CoLT5Model"
+    ids, mask = random_ids(2, 30), length_mask([30, 21], 30)
+    with torch.no_grad():
+        expected = model.get_encoder()(ids, attention_mask=mask).last_hidden_state
+        assert torch.equal(encoder(ids, attention_mask=mask).last_hidden_state, expected)
+
+    encoder.save_pretrained(tmp_path / "encoder")
+    started = CoLT5ForConditionalGeneration.from_pretrained(tmp_path / "encoder")
+    with torch.no_grad():
+        assert torch.equal(started.get_encoder()(ids, attention_mask=mask).last_hidden_state, expected)
+
+
 def test_untied_round_trip_keeps_three_embeddings(seq2seq_config, tmp_path):
     model = CoLT5ForConditionalGeneration(seq2seq_config(tie_word_embeddings=False))
     model.save_pretrained(tmp_path)
     loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
-    for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
+    for name in ("model.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"):
         assert torch.equal(loaded.state_dict()[name], model.state_dict()[name]), name
-    assert not torch.equal(loaded.lm_head.weight, loaded.encoder.embed_tokens.weight)
+    assert not torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
 
 
 REMOTE_SCRIPT = textwrap.dedent(

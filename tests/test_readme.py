@@ -51,4 +51,4 @@ def test_encoder_decoder_example_runs(tmp_path, monkeypatch):
     exec(compile(example, "README.md encoder-decoder example", "exec"), namespace)
     assert namespace["summaries"].shape[0] == 2 and namespace["summaries"].shape[1] <= 17
     assert type(namespace["reloaded"]).__name__ == "CoLT5ForConditionalGeneration"
-    assert namespace["model"].encoder.embed_tokens.weight.grad is not None
+    assert namespace["model"].model.embed_tokens.weight.grad is not None

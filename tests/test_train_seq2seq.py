@@ -84,9 +84,10 @@ def test_rouge_l_metric_scores_decoded_generations_against_the_labels():
 
 
 def test_preset_gives_the_decoder_the_t5_sizes():
-    base = preset_config("base", 16384)
+    base = preset_config("base", 16384, "seq2seq")
     assert (base["decoder_num_heads"], base["decoder_head_dim"], base["decoder_intermediate_size"]) == (12, 64, 2048)
-    assert preset_config("large", 16384)["decoder_intermediate_size"] == 2816
+    assert preset_config("large", 16384, "seq2seq")["decoder_intermediate_size"] == 2816
+    assert "decoder_num_heads" not in preset_config("base", 16384)  # causal and classification: the defaults
 
 
 @pytest.mark.parametrize(
@@ -118,7 +119,13 @@ def test_seq2seq_run_learns_and_reports_rouge(trained):
     assert summary["task"] == "seq2seq" and summary["model_class"] == "CoLT5ForConditionalGeneration"
     assert start["eval_loss"] == pytest.approx(math.log(384), abs=0.4)
     assert end["eval_loss"] < start["eval_loss"] - 1.0
-    assert 0.0 <= start["eval_rougeL"] <= 1.0 and 0.0 <= end["eval_rougeL"] <= 1.0
+    # Each evaluation generated the held-out targets (up to --target-len tokens) and scored them.
+    for entry in (start, end):
+        assert isinstance(entry["eval_rougeL"], float)
+    state = json.loads((trained / "checkpoint-30" / "trainer_state.json").read_text())
+    evals = [entry for entry in state["log_history"] if "eval_loss" in entry]
+    assert [entry["step"] for entry in evals] == [0, 15, 30]
+    assert all(0 < entry["eval_generated_tokens"] <= 48 for entry in evals)
     assert summary["tokens_per_step"] == 4 * (256 + 48)
     assert summary["train_sequences"] > 500  # modules and classes of the standard library
     card = (trained / "README.md").read_text()
