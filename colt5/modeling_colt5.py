@@ -691,8 +691,8 @@ class CoLT5ForConditionalGeneration(CoLT5PreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        # The decoder creates its EncoderDecoderCache itself; generate()'s default would size a DynamicCache by
-        # num_hidden_layers, the encoder's depth.
+        # The decoder creates its EncoderDecoderCache itself: generate()'s default DynamicCache(config) builds one
+        # layer per config.num_hidden_layers, the encoder's depth, not num_decoder_layers.
         return False
 
     def _shift_right(self, labels: torch.LongTensor) -> torch.LongTensor:
