@@ -23,7 +23,7 @@ import inspect
 import json
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,22 +167,27 @@ def evaluate(
     trials: int,
     batch_size: int = 1,
     seed: int = 0,
+    score: Callable[[PreTrainedModel, list[PasskeyExample], int], list[bool]] = passkey_correct,
 ) -> list[dict]:
-    """Accuracy at every (length, depth): `trials` random keys each. Returns one row per pair: length, depth,
-    accuracy, mean distance (tokens from the needle to the answer) and the number of trials."""
+    """Accuracy at every (length, depth): `trials` random keys each, judged by `score(model, examples, batch_size)`
+    (default: `passkey_correct`). Returns one row per pair: length, depth, accuracy, the mean distance (tokens from
+    the needle to the answer), the number of trials, and each example's distance and result."""
     rng = random.Random(seed)
     rows = []
     for length in lengths:
         for depth in depths:
             examples = [prompts.example(length, depth, rng) for _ in range(trials)]
-            correct = passkey_correct(model, examples, batch_size)
+            correct = score(model, examples, batch_size)
+            distances = [example.distance for example in examples]
             rows.append(
                 dict(
                     length=length,
                     depth=depth,
                     accuracy=sum(correct) / trials,
-                    distance=round(sum(example.distance for example in examples) / trials),
+                    distance=round(sum(distances) / trials),
                     trials=trials,
+                    distances=distances,
+                    correct=correct,
                 )
             )
     return rows

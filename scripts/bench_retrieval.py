@@ -54,7 +54,7 @@ from transformers import BertConfig, BertModel, ByT5Tokenizer, LlamaConfig, Llam
 
 from colt5 import CoLT5Config, CoLT5ForCausalLM, CoLT5Model
 from colt5.causal_attention import CausalRoutedAttention
-from colt5.retrieval_eval import PasskeyExample, PasskeyPrompts, passkey_correct
+from colt5.retrieval_eval import PasskeyExample, PasskeyPrompts, evaluate, passkey_correct
 from colt5.routed_attention import ConditionalRoutedAttention
 from colt5.train import causal_memory_and_block, parse_config_overrides
 
@@ -225,36 +225,25 @@ def train(model: nn.Module, task: str, prompts, plan, args, device, sentinels) -
     return dict(train_s=round(seconds, 1), tokens_per_s=round(tokens / seconds), losses=losses)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, task: str, prompts, args, device, sentinels) -> list[dict]:
-    """One row per eval length and depth, with each example's distance and result."""
-    model.eval()
-    rng = random.Random(args.seed + 12345)  # the same evaluation examples for every model
+def scorer(task: str, sentinels: list[int], eval_tokens: int, device: torch.device):
+    """`retrieval_eval.evaluate`'s `score` for this benchmark: batches of `eval_tokens` tokens, bf16 autocast on
+    GPUs; causal models as `passkey_correct` judges them, encoders by the argmax at each masked answer position."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    rows = []
-    for length in args.eval_lengths:
-        batch = max(1, args.eval_tokens // length)
-        for depth in EVAL_DEPTHS:
-            examples = [prompts.example(length, depth, rng) for _ in range(args.trials)]
+
+    @torch.no_grad()
+    def score(model: nn.Module, examples: list[PasskeyExample], batch_size: int) -> list[bool]:
+        batch = max(1, eval_tokens // len(examples[0].input_ids))  # instead of evaluate's batch_size
+        with autocast:
+            if task == "causal":
+                return passkey_correct(model, examples, batch)
             correct = []
             for first in range(0, len(examples), batch):
                 chunk = examples[first : first + batch]
-                with autocast:
-                    if task == "causal":
-                        correct += passkey_correct(model, chunk, batch_size=len(chunk))
-                    else:
-                        predicted = answer_logits(model, task, chunk, sentinels, device).argmax(-1).cpu()
-                        correct += (predicted == answers(chunk)).all(-1).tolist()
-            rows.append(
-                dict(
-                    length=length,
-                    depth=depth,
-                    accuracy=sum(correct) / len(correct),
-                    distances=[example.distance for example in examples],
-                    correct=correct,
-                )
-            )
-    return rows
+                predicted = answer_logits(model, task, chunk, sentinels, device).argmax(-1).cpu()
+                correct += (predicted == answers(chunk)).all(-1).tolist()
+            return correct
+
+    return score
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -379,7 +368,9 @@ def main() -> None:
         print(f"{name}: {parameters / 1e6:.2f}M parameters", flush=True)
         result = dict(params_m=round(parameters / 1e6, 2))
         result.update(train(model, args.task, prompts, plan, args, device, sentinels))
-        result["rows"] = evaluate(model, args.task, prompts, args, device, sentinels)
+        # The same evaluation examples for every model.
+        result["rows"] = evaluate(model.eval(), prompts, args.eval_lengths, EVAL_DEPTHS, args.trials,
+                                  seed=args.seed + 12345, score=scorer(args.task, sentinels, args.eval_tokens, device))
         if device.type == "cuda":
             result["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
             torch.cuda.reset_peak_memory_stats()

@@ -179,7 +179,8 @@ def test_evaluate_scores_a_model_that_reads_the_key_perfectly_and_one_that_misre
     prompts = PasskeyPrompts(TOKENIZER)
     rows = evaluate(PasskeyReader(), prompts, [400, 800], [0.0, 0.5, 1.0], trials=4, batch_size=3)
     assert [(row["length"], row["depth"]) for row in rows] == [(n, d) for n in (400, 800) for d in (0.0, 0.5, 1.0)]
-    assert all(row["accuracy"] == 1.0 and row["trials"] == 4 for row in rows)
+    assert all(row["accuracy"] == 1.0 and row["trials"] == 4 and row["correct"] == [True] * 4 for row in rows)
+    assert all(row["distance"] == round(sum(row["distances"]) / 4) for row in rows)
     assert rows[0]["distance"] > rows[2]["distance"] and rows[3]["distance"] > rows[0]["distance"]
     misread = evaluate(PasskeyReader(offset=1), prompts, [400], [0.5], trials=4)
     assert misread[0]["accuracy"] == 0.0
