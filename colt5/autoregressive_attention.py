@@ -107,7 +107,9 @@ class ConditionalRoutedAutoregressiveAttention(CausalRoutedAttention):
             num_routed_kv=num_routed_kv,
             multiply_keys_by_score=multiply_keys_by_score,
             multiply_queries_by_score=multiply_queries_by_score,
-            learned_unrouted_output=one_spelling(
+            # With every token of a window a heavy query no token is unrouted: the reference's null query token (on by
+            # default) would never be used, so the layer has none.
+            learned_unrouted_output=num_heavy_tokens_q < heavy_window_size and one_spelling(
                 True, use_null_q_tokens=use_null_q_tokens, learned_unrouted_output=learned_unrouted_output
             ),
             router_kwargs=router,
@@ -153,7 +155,7 @@ class ConditionalRoutedAutoregressiveAttention(CausalRoutedAttention):
         # The per-call settings are attributes that the parent layer and its routers read: set for this call and
         # restored whatever happens (a per-call override is colt5-attention's API, not the parent's).
         memory_size = self.memory_size
-        randomised = (self.q_router, self.kv_router)
+        randomised = [router for router in (self.q_router, self.kv_router) if router is not None]
         saved = [router.random_routing for router in randomised]
         try:
             if num_heavy_tokens_kv is not None:
@@ -171,7 +173,7 @@ class ConditionalRoutedAutoregressiveAttention(CausalRoutedAttention):
             self.memory_size = memory_size
             for router, value in zip(randomised, saved):
                 router.random_routing = value
-            if random_route:
+            if random_route and self.q_router is not None:
                 # Random scores say nothing about the learned ones: the query router's threshold must not learn them.
                 self.q_router.discard_pending_statistics()
         return (out, state) if decoding else out

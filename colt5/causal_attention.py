@@ -3,9 +3,16 @@
 
 What a token at valid index t, in block j = t // block_size, sees:
 - light branch (every token): the tokens t - light_window_size .. t (causal sliding window);
-- heavy branch (tokens routed by a per-token `ThresholdRouter`): the routed memory of block j (the
-  `memory_size` best-scoring tokens before the block, weighted by the soft top-k over that prefix) plus every
-  token of block j up to t.
+- heavy branch (every token when `routed_query_fraction` is 1, else the tokens routed by a per-token
+  `ThresholdRouter`): the routed memory of block j (the `memory_size` best-scoring tokens before the block,
+  weighted by the soft top-k over that prefix) plus every token of block j up to t.
+
+Why every token is a heavy query by default in CoLT5ForCausalLM: a per-token query router learns which tokens need
+the heavy attention only from the tokens it already routes (an unrouted token has no heavy output, hence no
+gradient), and a causal router cannot look ahead to see which token will need the distant past. On passkey
+retrieval the token that must read the key was routed in no example at all, in any layer, and the model stayed at
+chance, while the same model with every token a heavy query retrieved the key in every example (README, "Retrieval").
+The routed key/value memory keeps the heavy attention's cost at O(memory_size + block_size) per token.
 
 Decoding a token costs O(light_window_size + memory_size + block_size) per layer whatever the context length;
 at each block boundary the memory is re-routed from the stored router scores (O(context) scalars) and the keys
@@ -23,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .causal_router import ThresholdRouter, route_block_memory
+from .causal_router import GateOutput, ThresholdRouter, route_block_memory
 from .masked_sdpa import masked_sdpa
 from .rotary import apply_rotary
 from .routed_attention import TwoBranchAttention, project
@@ -90,7 +97,8 @@ class CausalRoutedAttention(TwoBranchAttention):
 
     Args:
         dim: model width.
-        routed_query_fraction: target share of tokens routed as heavy queries, in (0, 1].
+        routed_query_fraction: target share of tokens routed as heavy queries, in (0, 1]; at 1 every token is a
+            heavy query (with weight 1) and there is no query router.
         memory_size: routed keys/values per block and routing set.
         block_size: the memory is re-routed every `block_size` valid tokens.
         light_heads, light_dim_head, light_window_size: light branch (each token sees the `light_window_size`
@@ -98,7 +106,8 @@ class CausalRoutedAttention(TwoBranchAttention):
         heavy_heads, heavy_dim_head: heavy branch; heads are split evenly among `num_routed_kv` routing sets.
         multiply_keys_by_score: scale memory keys by their router weight (values always are).
         multiply_queries_by_score: scale routed queries by their router weight (outputs always are).
-        learned_unrouted_output: add a learned vector to the heavy output of tokens that are not routed.
+        learned_unrouted_output: add a learned vector to the heavy output of tokens that are not routed (needs
+            `routed_query_fraction` < 1).
         rotary_theta: rotary base (positions from `position_ids` in both branches).
         dropout: attention-probability dropout.
         router_kwargs: soft top-k settings for the memory routing, in either package's keywords (see
@@ -173,7 +182,13 @@ class CausalRoutedAttention(TwoBranchAttention):
         )
         self.memory_route_kwargs = route_settings(**router_kwargs)
         self.memory_size, self.block_size = memory_size, block_size
-        self.q_router = ThresholdRouter(
+        if routed_query_fraction == 1 and learned_unrouted_output:
+            raise ValueError(
+                "learned_unrouted_output needs routed_query_fraction < 1: with 1 every token is a heavy query, so "
+                "there is no unrouted token to give the learned output to."
+            )
+        # With every token a heavy query there is nothing to decide: no router (and no parameters without gradient).
+        self.q_router = None if routed_query_fraction == 1 else ThresholdRouter(
             dim,
             routed_query_fraction,
             fetch_ratio=self.memory_route_kwargs["fetch_ratio"],
@@ -222,6 +237,13 @@ class CausalRoutedAttention(TwoBranchAttention):
             counts = [count + offset for count in valid_counts]
             outputs.append(self._step(x[:, offset : offset + 1], position_ids[:, offset : offset + 1], state, counts))
         return torch.cat(outputs, dim=1), state
+
+    def _gate(self, x: torch.Tensor, valid: torch.Tensor) -> GateOutput:
+        """The heavy queries among `(batch, n, dim)` tokens (`valid` `(batch, n)` bool): the query router's
+        decisions, or every valid token with weight 1 when there is no router."""
+        if self.q_router is None:
+            return GateOutput(valid, valid.to(x.dtype))
+        return self.q_router(x, valid)
 
     # ------------------------------------------------------------------------------------------------ light
     def _light_full(self, x: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor):
@@ -305,12 +327,15 @@ class CausalRoutedAttention(TwoBranchAttention):
         block_keys = keys.gather(2, block_index).view(batch, -1, blocks, block, features)
         block_values = values.gather(2, block_index).view(batch, -1, blocks, block, features)
 
-        gate = self.q_router(x, valid)
+        gate = self._gate(x, valid)
         routed_in_block = gate.routed.gather(1, order.flatten(1)).view_as(order) & in_block
-        # Query slots per block: a power of two >= 64 (within the block), so that the attention below meets few
-        # shapes (cuDNN builds a graph per shape); the extra slots are empty.
-        most = int(routed_in_block.sum(-1).max())
-        num_queries = min(block, max(64, 1 << (most - 1).bit_length())) if most else 0
+        if self.q_router is None:  # every slot of a block is a query (a block's valid tokens come first)
+            num_queries = block
+        else:
+            # Query slots per block: a power of two >= 64 (within the block), so that the attention below meets few
+            # shapes (cuDNN builds a graph per shape); the extra slots are empty.
+            most = int(routed_in_block.sum(-1).max())
+            num_queries = min(block, max(64, 1 << (most - 1).bit_length())) if most else 0
         heavy = x.new_zeros(batch, length, dim)
         if num_queries > 0:
             query_slot = (~routed_in_block).to(torch.int8).sort(dim=-1, stable=True).indices[..., :num_queries]
@@ -452,7 +477,7 @@ class CausalRoutedAttention(TwoBranchAttention):
         state.token_mask[:, seen] = True
         state.seen_tokens = seen + 1
 
-        gate = self.q_router(x)
+        gate = self._gate(x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
         q = self._routed_queries(x, torch.zeros_like(position_ids), position_ids, gate.weights)
         keys, values, allowed = self._with_null_kv(state.heavy_keys, state.heavy_values, state.heavy_mask.unsqueeze(2))
         heavy = masked_sdpa(q, keys, values, allowed, math_only=self.math_attention)

@@ -24,14 +24,16 @@ class CoLT5Config(PreTrainedConfig):
     Configuration of a CoLT5 model (Ainslie et al., 2023, "CoLT5: Faster Long-Range Transformers with Conditional
     Computation"). Defaults are the paper's CoLT5-B encoder: 12 layers of width 768, light MLP 1024 and heavy MLP
     8192, 4 light and 8 heavy heads of 64, a 255-token local window, 1/16 of tokens routed to the heavy
-    feedforward and as heavy queries, 1/8 as heavy keys/values, soft top-k with eps 1.0 normalised over 9/8 k.
+    feedforward and as heavy queries, 1/8 as heavy keys/values, soft top-k with eps 1.0 normalised over 9/8 k. The
+    causal model makes every token a heavy query by default (see `routed_query_tokens`).
 
     Routed amounts (`routed_ff_tokens`, `routed_query_tokens`, `routed_kv_tokens`) are an `int` (a fixed number of
     tokens) or a `float` in (0, 1] (a fraction of each sample's valid length, rounded up).
 
     With `is_causal=True` (`CoLT5ForCausalLM`) every output depends on earlier tokens only:
     `routed_query_tokens` and `routed_ff_tokens` are target fractions (floats) for per-token routers with running
-    thresholds; `routed_kv_tokens` is the size of the routed key/value memory each block of `causal_block_size`
+    thresholds (`routed_query_tokens=1.0`, the causal default, makes every token a heavy query, with no query
+    router); `routed_kv_tokens` is the size of the routed key/value memory each block of `causal_block_size`
     tokens attends to (an int, or a float as a fraction of `max_position_embeddings`), routed from the tokens
     before the block.
 
@@ -50,7 +52,10 @@ class CoLT5Config(PreTrainedConfig):
         light_window_size: every token attends to this many tokens on each side in the light branch.
         light_intermediate_size, heavy_intermediate_size: light and heavy MLP widths.
         routed_ff_tokens: tokens routed to the heavy MLP.
-        routed_query_tokens: tokens routed as heavy-attention queries.
+        routed_query_tokens: tokens routed as heavy-attention queries. None (the default) is 1/16 for the encoder
+            (the paper's) and 1.0, every token, for the causal model: a causal per-token query router learns only
+            from the tokens it already routes, and on passkey retrieval it never learned to route the token that
+            has to read the key (README, "Retrieval").
         routed_kv_tokens: tokens routed as heavy-attention keys/values, per routing set.
         num_kv_routing_sets: key/value routing sets; the heavy heads are split evenly among them.
         router_eps: entropy weight of the soft top-k (the final eps when a schedule is set).
@@ -111,7 +116,7 @@ class CoLT5Config(PreTrainedConfig):
     light_intermediate_size: int = 1024
     heavy_intermediate_size: int = 8192
     routed_ff_tokens: int | float = 1 / 16
-    routed_query_tokens: int | float = 1 / 16
+    routed_query_tokens: int | float | None = None
     routed_kv_tokens: int | float = 1 / 8
     num_kv_routing_sets: int = 1
     router_eps: float = 1.0
@@ -148,6 +153,8 @@ class CoLT5Config(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 1
 
     def __post_init__(self, **kwargs):
+        if self.routed_query_tokens is None:
+            self.routed_query_tokens = 1.0 if self.is_causal else 1 / 16
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_hidden_layers
         if self.is_encoder_decoder and self.decoder_start_token_id is None:
@@ -245,6 +252,11 @@ class CoLT5Config(PreTrainedConfig):
                     f"{name} must be a fraction (a float in (0, 1]) when is_causal=True: the causal model decides "
                     f"per token, with a threshold that routes that share of tokens; got {getattr(self, name)!r}."
                 )
+        if self.learned_unrouted_query_output and self.routed_query_tokens == 1:
+            raise ValueError(
+                "learned_unrouted_query_output needs routed_query_tokens < 1.0 when is_causal=True: with 1.0 (the "
+                "causal default) every token is a heavy query, so no token is left unrouted."
+            )
         if self.route_block_size is not None:
             raise ValueError(
                 "route_block_size must be None when is_causal=True: the causal key/value memory is routed per "

@@ -105,8 +105,10 @@ def _map_feedforward(weights: _WeightMap, ours: str, ref: str) -> None:
                 weights.take(f"{ours}{branch}_mlp.{our_name}.{kind}", f"{ref}{branch}_ff.{index}.{kind}")
 
 
-def _map_heavy(weights: _WeightMap, ours: str, ref: str) -> None:
-    """The heavy `Attention` (norm, null key/value, projections) and the unrouted-query output."""
+def _map_heavy(weights: _WeightMap, ours: str, ref: str, query_router: bool = True) -> None:
+    """The heavy `Attention` (norm, null key/value, projections), the unrouted-query output and the routers
+    (without `query_router` ours has neither a query router nor an unrouted-query output, since every token is a
+    heavy query: the reference's query routing vector and null query token, unused then, are dropped)."""
     weights.take(f"{ours}heavy_norm.weight", f"{ref}heavy_attn.norm.gamma")
     weights.take(f"{ours}heavy_null_kv", f"{ref}heavy_attn.null_kv")
     weights.take(f"{ours}heavy_q_proj.weight", f"{ref}heavy_attn.to_q.weight")
@@ -117,9 +119,15 @@ def _map_heavy(weights: _WeightMap, ours: str, ref: str) -> None:
     pairs = to_kv.view(-1, 2, dim_head, to_kv.shape[-1])
     weights.put(f"{ours}heavy_k_proj.weight", pairs[:, 0].reshape(-1, to_kv.shape[-1]))
     weights.put(f"{ours}heavy_v_proj.weight", pairs[:, 1].reshape(-1, to_kv.shape[-1]))
-    if f"{ref}null_q_token" in weights.reference:
-        weights.take(f"{ours}unrouted_output", f"{ref}null_q_token")
-    weights.take(f"{ours}q_router.routing_vectors", f"{ref}q_router.routing_token")
+    null_query = f"{ref}null_q_token" in weights.reference
+    if query_router:
+        if null_query:
+            weights.take(f"{ours}unrouted_output", f"{ref}null_q_token")
+        weights.take(f"{ours}q_router.routing_vectors", f"{ref}q_router.routing_token")
+    else:
+        weights.pull(f"{ref}q_router.routing_token")
+        if null_query:
+            weights.pull(f"{ref}null_q_token")
     weights.take(f"{ours}kv_router.routing_vectors", f"{ref}kv_router.routing_token")
 
 
@@ -266,7 +274,7 @@ def from_colt5_attention(module: nn.Module, **kwargs: Any) -> nn.Module:
         dim = module.q_router.routing_token.shape[-1]
         layer_class = ConditionalRoutedAutoregressiveAttention
         _map_light(weights, "", "", norm="layer")
-        _map_heavy(weights, "", "")
+        _map_heavy(weights, "", "", query_router=module.num_heavy_tokens_q < module.heavy_window_size)
         settings = dict(
             num_heavy_tokens_q=module.num_heavy_tokens_q,
             num_heavy_tokens_kv=module.num_heavy_tokens_kv,

@@ -238,11 +238,11 @@ class CausalRoutedTransformerBlock(_PreNormResidualBlock):
             activation=activation,
             # The attention's router settings as it resolved them (either package's keywords): one for both.
             router_kwargs=dict(
-                fetch_ratio=attention.q_router.fetch_ratio,
-                eps=attention.q_router.eps,
-                straight_through=attention.q_router.straight_through,
-                random_routing=attention.q_router.random_routing,
-                cosine_sim_scale=attention.q_router.cosine_sim_scale,
+                fetch_ratio=attention.memory_route_kwargs["fetch_ratio"],
+                eps=attention.memory_route_kwargs["eps"],
+                straight_through=attention.memory_route_kwargs["straight_through"],
+                random_routing=attention.kv_router.random_routing,
+                cosine_sim_scale=attention.kv_router.cosine_sim_scale,
                 momentum=router_momentum,
             ),
         )

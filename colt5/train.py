@@ -115,13 +115,17 @@ def causal_memory_and_block(seq_len: int) -> tuple[int, int]:
 
 
 def preset_config(preset: str, seq_len: int, task: str = "causal-lm") -> dict:
-    """CoLT5Config settings of a preset for `seq_len`-token sequences (causal routing: `causal_memory_and_block`).
+    """CoLT5Config settings of a preset for `seq_len`-token sequences (causal routing: `causal_memory_and_block`,
+    every token a heavy query).
     For seq2seq the decoder has as many heads as the encoder's two branches together, of the heavy heads' width,
     and an MLP a quarter of the heavy one (for `base` and `large` the T5 v1.1 decoder of that width)."""
     if preset not in PRESETS:
         raise ValueError(f"Unknown --preset {preset!r}: choose one of {sorted(PRESETS)}.")
     memory, block = causal_memory_and_block(seq_len)
     sizes = dict(PRESETS[preset], routed_kv_tokens=memory, causal_block_size=block, max_position_embeddings=seq_len)
+    if task == "causal-lm":
+        # The presets' query share is the encoder's; the causal model keeps CoLT5Config's default (every token).
+        sizes.pop("routed_query_tokens", None)
     if task == "seq2seq":
         sizes.update(
             decoder_num_heads=sizes["light_num_heads"] + sizes["heavy_num_heads"],
@@ -341,7 +345,9 @@ def routed_fraction_logs(model: torch.nn.Module) -> dict[str, float]:
     DDP or FSDP). Empty for encoders, whose routers route exact amounts."""
     logs = {}
     for kind, (layer_class, attribute) in ROUTER_KINDS.items():
+        # A layer whose every token is a heavy query has no query router (None).
         routers = [getattr(module, attribute) for module in model.modules() if isinstance(module, layer_class)]
+        routers = [router for router in routers if router is not None]
         fractions = [fraction for router in routers if (fraction := router.take_routed_fraction()) is not None]
         if fractions:
             logs[f"routed_{kind}_mean"] = round(sum(fractions) / len(fractions), 4)
@@ -352,7 +358,7 @@ def routed_fraction_logs(model: torch.nn.Module) -> dict[str, float]:
 
 def last_routed_fractions(log_history: list[dict], config: CoLT5Config) -> dict[str, dict[str, float]] | None:
     """The routed shares of the last training log (see `routed_fraction_logs`) with each kind's target."""
-    entries = [entry for entry in log_history if "routed_queries_mean" in entry]
+    entries = [entry for entry in log_history if any(f"routed_{kind}_mean" in entry for kind in ROUTER_KINDS)]
     if not entries:
         return None
     targets = {"queries": config.routed_query_tokens, "feedforward": config.routed_ff_tokens}

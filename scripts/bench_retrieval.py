@@ -15,9 +15,10 @@ Models, trained from scratch in the same run on the same examples (same seed), b
   with a linear head over the last hidden states. The answer's tokens are replaced by mask tokens, one per answer
   position (ByT5's sentinels), and the head predicts them.
 Sizes: width 256, 4 layers, rotary base --rope-theta (Llama and CoLT5); Llama/Bert 4 heads of 64 and a 4x MLP;
-CoLT5 2 light and 4 heavy heads of 64, light MLP 128 and heavy MLP 1024, window 127, 1/16 of tokens as heavy queries
-and to the heavy MLP (--colt5-config changes any of it); causal: a memory of max_length / 8 keys/values per block of
-min(max_length / 8, 1024) tokens; encoder: 1/8 as keys/values.
+CoLT5 2 light and 4 heavy heads of 64, light MLP 128 and heavy MLP 1024, window 127, 1/16 of tokens to the heavy MLP,
+heavy queries as CoLT5Config's default (causal: every token; encoder: 1/16) (--colt5-config changes any of it);
+causal: a memory of max_length / 8 keys/values per block of min(max_length / 8, 1024) tokens; encoder: 1/8 as
+keys/values.
 
 Curriculum (the same for every model): context lengths are powers of two from --min-length to --max-length; over
 the first --ramp of the steps the longest allowed length doubles stage by stage, and each step takes the longest
@@ -28,8 +29,9 @@ step_tokens / length examples, at least one); needle depths are uniform. Learnin
 Evaluation: --trials fresh pass keys at each of --eval-lengths and needle depths 0, 0.25, 0.5, 0.75, 1; an example
 counts when every answer token is the argmax (causal: what greedy decoding would write). Reported per length and
 depth with the mean distance from the needle to the answer, with training time, throughput, peak memory (training
-and evaluation) and the last training loss. Writes a
-table (stdout), --json (after each model, so a cut-short run keeps what it measured) and --plot.
+and evaluation) and the last training loss; for causal CoLT5 models also, per layer, how often the position that
+reads the key was a heavy query and its routed memory held the key (`routing_report`). Writes the tables (stdout),
+--json (after each model, so a cut-short run keeps what it measured) and --plot.
 
 Usage: python scripts/bench_retrieval.py [--task causal|encoder] [--steps 1200] [--max-length 16384]
        [--eval-lengths 4096 8192 16384] [--json results/x.json] [--plot results/x.png]
@@ -54,6 +56,7 @@ from transformers import BertConfig, BertModel, ByT5Tokenizer, LlamaConfig, Llam
 
 from colt5 import CoLT5Config, CoLT5ForCausalLM, CoLT5Model
 from colt5.causal_attention import CausalRoutedAttention
+from colt5.causal_router import route_block_memory
 from colt5.retrieval_eval import PasskeyExample, PasskeyPrompts, evaluate, passkey_correct
 from colt5.routed_attention import ConditionalRoutedAttention
 from colt5.train import causal_memory_and_block, parse_config_overrides
@@ -114,7 +117,6 @@ def build_models(
         light_window_size=window,
         light_intermediate_size=width // 2,
         heavy_intermediate_size=4 * width,
-        routed_query_tokens=1 / 16,
         routed_ff_tokens=1 / 16,
         routed_kv_tokens=memory if causal else 1 / 8,
         causal_block_size=block,
@@ -246,6 +248,57 @@ def scorer(task: str, sentinels: list[int], eval_tokens: int, device: torch.devi
     return score
 
 
+@torch.no_grad()
+def routing_report(model: nn.Module, prompts: PasskeyPrompts, lengths: list[int], eval_tokens: int, seed: int,
+                   device: torch.device) -> list[dict] | None:
+    """Where a causal CoLT5 model's routing stands at the token that must read the key (None for other models).
+
+    For 2 examples per needle depth at each length and for each layer: the share of examples whose position that
+    predicts the answer's last token (the key) was a heavy query, and the share whose routed memory at that position
+    (any routing set) held one of the needle's copies of the key (the only tokens before the answer equal to it).
+    Routing is recomputed from each layer's input (with random_routing: a fresh draw, as likely as the forward's)."""
+    if not isinstance(model, CoLT5ForCausalLM):
+        return None
+    layers = [layer.attention for layer in model.model.layers if isinstance(layer.attention, CausalRoutedAttention)]
+    if not layers:
+        return None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    rng, report = random.Random(seed), []
+    for length in lengths:
+        examples = [prompts.example(length, depth, rng) for depth in EVAL_DEPTHS for _ in range(2)]
+        routed, in_memory = [[] for _ in layers], [[] for _ in layers]
+        batch = max(1, eval_tokens // length)
+        for first in range(0, len(examples), batch):
+            chunk = examples[first : first + batch]
+            ids = torch.tensor([example.input_ids[:-1] for example in chunk], device=device)
+            inputs = []
+            hooks = [attention.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+                     for attention in layers]
+            with autocast:
+                model(input_ids=ids, logits_to_keep=1)
+            for hook in hooks:
+                hook.remove()
+            position = ids.shape[1] - 1
+            key = torch.tensor([example.input_ids[-1] for example in chunk], device=device)
+            copies = ids == key[:, None]  # (batch, n): the needle's copies of the key
+            valid = torch.ones_like(ids, dtype=torch.bool)
+            for index, (attention, x) in enumerate(zip(layers, inputs)):
+                with autocast:
+                    gate = attention._gate(x, valid)
+                    memory = route_block_memory(attention.kv_router.scores(x), valid, attention.block_size,
+                                                attention.memory_size, **attention.memory_route_kwargs)
+                block = position // attention.block_size
+                indices, filled = memory.indices[:, block], memory.mask[:, block]  # (batch, sets, memory)
+                held = copies.gather(1, indices.flatten(1)).view_as(indices) & filled
+                routed[index] += gate.routed[:, position].tolist()
+                in_memory[index] += held.flatten(1).any(-1).tolist()
+        for index in range(len(layers)):
+            report.append(dict(length=length, layer=index, examples=len(examples),
+                               answer_routed=sum(routed[index]) / len(examples),
+                               key_in_memory=sum(in_memory[index]) / len(examples)))
+    return report
+
+
 # ------------------------------------------------------------------------------------------------ report
 def table(results: dict[str, dict], eval_lengths: list[int]) -> str:
     """Each model's accuracy per context length (the mean over needle depths), training time, throughput, peak
@@ -284,6 +337,21 @@ def depth_tables(results: dict[str, dict]) -> str:
     return "\n".join(out)
 
 
+def routing_tables(results: dict[str, dict]) -> str:
+    """Per causal CoLT5 model: by context length and layer, the share of examples whose key-reading position was a
+    heavy query and whose memory there held the key (see `routing_report`)."""
+    out = []
+    for name, result in results.items():
+        if not result.get("routing"):
+            continue
+        out.append(f"{name}: routing at the position that reads the key (share of examples)")
+        out.append("| context | layer | heavy query | key in memory |")
+        out.append("|---|---|---|---|")
+        for row in result["routing"]:
+            out.append(f"| {row['length']:,} | {row['layer']} | {row['answer_routed']:.0%} | {row['key_in_memory']:.0%} |")
+    return "\n".join(out)
+
+
 def plot(results: dict[str, dict], header: str, path: str) -> None:
     import matplotlib
 
@@ -312,7 +380,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=None, help="train only these (default: all four)")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--min-length", type=int, default=512)
+    parser.add_argument("--min-length", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=16384)
     parser.add_argument("--ramp", type=float, default=0.7, help="share of the steps over which the length grows")
     parser.add_argument("--step-tokens", type=int, default=65536)
@@ -371,6 +439,9 @@ def main() -> None:
         # The same evaluation examples for every model.
         result["rows"] = evaluate(model.eval(), prompts, args.eval_lengths, EVAL_DEPTHS, args.trials,
                                   seed=args.seed + 12345, score=scorer(args.task, sentinels, args.eval_tokens, device))
+        routing = routing_report(model, prompts, args.eval_lengths, args.eval_tokens, args.seed + 54321, device)
+        if routing is not None:
+            result["routing"] = routing
         if device.type == "cuda":
             result["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
             torch.cuda.reset_peak_memory_stats()
@@ -387,6 +458,9 @@ def main() -> None:
     print(table(results, args.eval_lengths))
     print()
     print(depth_tables(results))
+    if any(result.get("routing") for result in results.values()):
+        print()
+        print(routing_tables(results))
     if args.plot:
         plot(results, header, args.plot)
 

@@ -96,3 +96,41 @@ def test_smoke_run_reports_every_model(task, tmp_path):
         assert f"| {name} | " in result.stdout
         assert [row["length"] for row in measured["rows"]] == [512] * 5
         assert all(0 <= row["accuracy"] <= 1 for row in measured["rows"]) and measured["tokens_per_s"] > 0
+
+
+def test_routing_report_finds_the_key_where_the_memory_holds_every_earlier_block():
+    """With a memory larger than the context, a block's memory is every token before the block: the key is in it
+    exactly when the needle's key lies before the block of the position that reads it. Every token is a heavy query
+    (the causal default); a query router at 1/4 routes that position as its gate decides."""
+    tokenizer = ByT5Tokenizer()
+    prompts = PasskeyPrompts(tokenizer, key_length=1, alphabet=bench_retrieval.KEY_SENTINELS)
+    torch.manual_seed(0)
+    overrides = dict(routed_kv_tokens=1024, causal_block_size=128)
+    model = bench_retrieval.build_models("causal", 512, len(tokenizer), True, colt5_overrides=overrides)["colt5"]
+    report = bench_retrieval.routing_report(model.eval(), prompts, [384, 512], 1024, seed=3, device=torch.device("cpu"))
+    rng, shares = random.Random(3), []
+    for length in (384, 512):
+        examples = [prompts.example(length, depth, rng) for depth in bench_retrieval.EVAL_DEPTHS for _ in range(2)]
+        block_start = (length - 2) // 128 * 128
+        expected = sum(example.input_ids.index(example.input_ids[-1]) < block_start for example in examples) / 10
+        rows = [row for row in report if row["length"] == length]
+        assert [row["layer"] for row in rows] == [0, 1]
+        assert all(row["answer_routed"] == 1.0 and row["key_in_memory"] == expected for row in rows)
+        shares.append(expected)
+    assert any(0 < share < 1 for share in shares)  # some needles in the reading block, some before it
+
+    gated = bench_retrieval.build_models("causal", 256, len(tokenizer), True,
+                                         colt5_overrides=dict(overrides, routed_query_tokens=0.25))["colt5"].eval()
+    report = bench_retrieval.routing_report(gated, prompts, [256], 1024, seed=3, device=torch.device("cpu"))
+    rng = random.Random(3)
+    examples = [prompts.example(256, depth, rng) for depth in bench_retrieval.EVAL_DEPTHS for _ in range(2)]
+    decisions = []
+    hooks = [layer.attention.q_router.register_forward_hook(lambda m, i, out: decisions.append(out.routed[:, -1]))
+             for layer in gated.model.layers]
+    with torch.no_grad():
+        gated(input_ids=torch.tensor([example.input_ids[:-1] for example in examples]))
+    for hook in hooks:
+        hook.remove()
+    assert [row["answer_routed"] for row in report] == [routed.float().mean().item() for routed in decisions]
+    assert bench_retrieval.routing_report(bench_retrieval.build_models("causal", 256, len(tokenizer), True)["llama"],
+                                          prompts, [256], 1024, seed=3, device=torch.device("cpu")) is None

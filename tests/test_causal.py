@@ -123,13 +123,15 @@ def routed_fractions(records):
 # ===================================================================================================== causality
 
 LAYER_CASES = [
-    *[("attention", sets, n_iters) for sets in (1, 2) for n_iters in (None, 5)],
-    *[("block", sets, n_iters) for sets in (1, 2) for n_iters in (None, 5)],
-    ("feedforward", 1, None),  # the feedforward router is per token: no routing sets, no iterations
+    *[("attention", sets, n_iters, TARGET) for sets in (1, 2) for n_iters in (None, 5)],
+    *[("block", sets, n_iters, TARGET) for sets in (1, 2) for n_iters in (None, 5)],
+    ("attention", 2, None, 1.0),  # every token a heavy query: no query router
+    ("block", 1, 5, 1.0),
+    ("feedforward", 1, None, TARGET),  # the feedforward router is per token: no routing sets, no iterations
 ]
 
 
-def make_causal_layer(kind, sets=2, n_iters=None):
+def make_causal_layer(kind, sets=2, n_iters=None, query_fraction=TARGET):
     router_kwargs = {} if n_iters is None else {"n_iters": n_iters}
     attention = dict(
         memory_size=MEMORY,
@@ -143,13 +145,13 @@ def make_causal_layer(kind, sets=2, n_iters=None):
         router_kwargs=router_kwargs,
     )
     if kind == "attention":
-        return CausalRoutedAttention(DIM, routed_query_fraction=TARGET, **attention)
+        return CausalRoutedAttention(DIM, routed_query_fraction=query_fraction, **attention)
     if kind == "feedforward":
         return CausalRoutedFeedForward(DIM, fraction=TARGET, light_hidden_dim=32, heavy_hidden_dim=128)
     if kind == "block":
         return CausalRoutedTransformerBlock(
             DIM,
-            routed_query_fraction=TARGET,
+            routed_query_fraction=query_fraction,
             routed_ff_fraction=TARGET,
             light_ff_hidden_dim=32,
             heavy_ff_hidden_dim=128,
@@ -193,9 +195,9 @@ def perturb_tokens(ids, t):
     return ids
 
 
-@pytest.mark.parametrize("kind, sets, n_iters", LAYER_CASES)
-def test_layer_outputs_do_not_depend_on_later_tokens(kind, sets, n_iters):
-    layer = make_causal_layer(kind, sets, n_iters).eval()
+@pytest.mark.parametrize("kind, sets, n_iters, query_fraction", LAYER_CASES)
+def test_layer_outputs_do_not_depend_on_later_tokens(kind, sets, n_iters, query_fraction):
+    layer = make_causal_layer(kind, sets, n_iters, query_fraction).eval()
     n = 48  # three blocks of 16: the routed memory of blocks 1 and 2 is in play
     x = torch.randn(2, n, DIM)
     records, _ = record_routing(layer)
@@ -204,14 +206,69 @@ def test_layer_outputs_do_not_depend_on_later_tokens(kind, sets, n_iters):
         assert prefix <= CAUSAL_ATOL, f"t={t}: outputs at positions <= t changed by {prefix}"
         assert suffix > 1e-3, f"t={t}: the perturbation after t changed nothing ({suffix})"
     # The heavy branches took part: every per-token router routed some tokens.
-    assert records and all(sum(int(r.sum()) for r, _ in calls) > 0 for calls in records.values())
+    assert all(sum(int(r.sum()) for r, _ in calls) > 0 for calls in records.values())
+    expected = {"attention": {"q_router"}, "block": {"q_router", "router"}, "feedforward": {"router"}}[kind]
+    if query_fraction == 1.0:
+        expected = expected - {"q_router"}
+    assert {name.rpartition(".")[2] for name in records} == expected
+
+
+def every_query_heavy_reference(layer, x):
+    """The heavy branch of a causal attention layer whose every token is a heavy query, one token at a time: token t
+    of block j attends, in each routing set's heads, to the memory of block j (the `memory_size` best-scoring
+    tokens before the block, keys and values scaled by their weights) and to the tokens of block j up to t."""
+    batch, n, _ = x.shape
+    positions = torch.arange(n).expand(batch, n)
+    keys, values = layer._keys_values(x, positions)  # (batch, sets, n, heads_per_set * head_dim)
+    memory = causal_attention.route_block_memory(
+        layer.kv_router.scores(x), torch.ones(batch, n, dtype=torch.bool), BLOCK, MEMORY, **layer.memory_route_kwargs
+    )
+    queries = layer._routed_queries(x, positions, positions, torch.ones(batch, n, dtype=x.dtype))
+    head_dim, per_set = queries.shape[-1], layer.heads_per_set
+    out = torch.zeros(batch, n, layer.heavy_heads * head_dim, dtype=x.dtype)
+    for b in range(batch):
+        for t in range(n):
+            block = t // BLOCK
+            for head in range(layer.heavy_heads):
+                kv_set, features = head // per_set, slice((head % per_set) * head_dim, (head % per_set + 1) * head_dim)
+                slots = memory.mask[b, block, kv_set]
+                index = memory.indices[b, block, kv_set][slots]
+                weight = memory.weights[b, block, kv_set][slots].unsqueeze(-1)
+                k = torch.cat((keys[b, kv_set, index, features] * weight, keys[b, kv_set, block * BLOCK : t + 1, features]))
+                v = torch.cat((values[b, kv_set, index, features] * weight,
+                               values[b, kv_set, block * BLOCK : t + 1, features]))
+                attention = torch.softmax(k @ queries[b, head, t] / head_dim**0.5, dim=0)
+                out[b, t, head * head_dim : (head + 1) * head_dim] = attention @ v
+    return layer.heavy_o_proj(out)
+
+
+def test_every_query_heavy_branch_equals_a_per_token_reference():
+    """With routed_query_fraction 1 every token is a heavy query of weight 1 (no query router), and the heavy output
+    is what each token's own attention over its block's memory and block prefix gives (float64, atol 1e-10)."""
+    layer = make_causal_layer("attention", sets=2, query_fraction=1.0).double().eval()
+    assert layer.q_router is None
+    x = torch.randn(2, 40, DIM, dtype=torch.float64)  # blocks of 16: two full ones and a partial one
+    with torch.no_grad():
+        light = layer._light_full(x, None, torch.arange(40).expand(2, 40))[0]
+        heavy = layer(x)[0] - light
+        expected = every_query_heavy_reference(layer, x)
+    torch.testing.assert_close(heavy, expected, atol=1e-10, rtol=0)
+    assert expected.abs().max() > 1e-2  # the heavy branch contributes
+
+
+def test_an_every_query_layer_refuses_a_learned_unrouted_output():
+    with pytest.raises(ValueError, match="learned_unrouted_output needs routed_query_fraction < 1"):
+        CausalRoutedAttention(DIM, routed_query_fraction=1.0, memory_size=MEMORY, block_size=BLOCK,
+                              learned_unrouted_output=True)
 
 
 @pytest.mark.parametrize("sets", [1, 2])
 @pytest.mark.parametrize("router_iterations", [None, 5])
-def test_causal_lm_logits_do_not_depend_on_later_tokens(causal_config, sets, router_iterations):
+@pytest.mark.parametrize("queries", [TARGET, 1.0])
+def test_causal_lm_logits_do_not_depend_on_later_tokens(causal_config, sets, router_iterations, queries):
     # Standard initialisation (std 0.02): logits of size ~1, so that 1e-6 is well above float32 rounding.
-    config = causal_config(initializer_range=0.02, num_kv_routing_sets=sets, router_iterations=router_iterations)
+    config = causal_config(initializer_range=0.02, num_kv_routing_sets=sets, router_iterations=router_iterations,
+                           routed_query_tokens=queries)
     model = CoLT5ForCausalLM(config).eval()
     n = 50
     ids = random_ids(2, n)
@@ -261,8 +318,10 @@ def test_left_padded_batch_is_causal_at_valid_positions(causal_config, router_it
         assert suffix > 1e-3, f"t={t}: the perturbation after t changed nothing ({suffix})"
 
 
-def test_left_padded_sample_equals_sample_alone(lm):
+@pytest.mark.parametrize("queries", [TARGET, 1.0])
+def test_left_padded_sample_equals_sample_alone(causal_config, queries):
     """Blocks count valid tokens, so left padding changes no valid logit (fp32, atol 1e-5)."""
+    lm = CoLT5ForCausalLM(causal_config(routed_query_tokens=queries)).eval()
     short, long = random_ids(1, 37)[0], random_ids(1, 50)[0]
     ids, mask = left_pad([short, long])
     with torch.no_grad():
@@ -314,9 +373,9 @@ def test_causality_check_detects_a_memory_routed_from_the_future(monkeypatch):
 # ===================================================================================================== cache
 
 
-@pytest.mark.parametrize("router_iterations", [None, 5])
-def test_greedy_generation_is_the_same_with_and_without_cache(causal_config, router_iterations):
-    model = CoLT5ForCausalLM(causal_config(router_iterations=router_iterations)).eval()
+@pytest.mark.parametrize("overrides", [{}, dict(router_iterations=5), dict(routed_query_tokens=1.0)])
+def test_greedy_generation_is_the_same_with_and_without_cache(causal_config, overrides):
+    model = CoLT5ForCausalLM(causal_config(**overrides)).eval()
     prompt = random_ids(2, 20)
     new = 70  # 20 + 70 tokens cross the block edges at 32, 48, 64 and 80
     settings = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
@@ -352,6 +411,8 @@ def step_logits(model, ids, prompt_length, chunk=1, cache=None):
         (20, 7, {}),  # several new tokens per cached step (some steps cross a block edge)
         (20, 1, dict(router_iterations=5)),
         (16, 1, dict(num_kv_routing_sets=1)),
+        (20, 1, dict(routed_query_tokens=1.0)),
+        (20, 7, dict(routed_query_tokens=1.0)),
     ],
 )
 def test_cached_logits_match_the_full_forward(causal_config, prompt_length, chunk, overrides):
@@ -814,7 +875,10 @@ def test_hidden_states_output(lm):
     torch.testing.assert_close(lm.lm_head(lm.model.norm(hidden[-1])), out.logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(router_iterations=5, learned_unrouted_query_output=True)])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, dict(router_iterations=5, learned_unrouted_query_output=True), dict(routed_query_tokens=1.0)],
+)
 def test_every_parameter_gets_a_finite_gradient(causal_config, overrides):
     model = CoLT5ForCausalLM(causal_config(**overrides)).train()
     ids = random_ids(2, 64)
@@ -824,7 +888,8 @@ def test_every_parameter_gets_a_finite_gradient(causal_config, overrides):
     # Routing vectors only get a gradient through routed tokens' weights: make sure there were some.
     assert all(sum(int(r.sum()) for r, _ in calls) > 0 for calls in records.values())
     names = [name for name, p in model.named_parameters() if p.requires_grad]
-    assert sum(name.endswith("routing_vectors") for name in names) == 3 * model.config.num_hidden_layers
+    routers = 2 if model.config.routed_query_tokens == 1.0 else 3  # keys/values, feedforward (and queries)
+    assert sum(name.endswith("routing_vectors") for name in names) == routers * model.config.num_hidden_layers
     for name, param in model.named_parameters():
         if param.requires_grad:
             assert param.grad is not None, f"{name} got no gradient"

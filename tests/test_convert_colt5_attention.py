@@ -222,6 +222,14 @@ def test_image_and_autoregressive_attention_and_vit_convert():
     assert ours_causal.block_size == 16 and ours_causal.memory_size == 16 and ours_causal.light_window_size == 32
     torch.testing.assert_close(ours_causal.q_router.routing_vectors, causal.q_router.routing_token)
     assert ours_causal(torch.randn(2, 64, DIM)).shape == (2, 64, DIM)
+    # Every token of a window a heavy query: ours has no query router, and the reference's routing vector is dropped.
+    every_query = from_colt5_attention(
+        reference.ConditionalRoutedAutoregressiveAttention(
+            dim=DIM, num_heavy_tokens_q=16, num_heavy_tokens_kv=16, heavy_window_size=16, **ATTENTION
+        )
+    )
+    assert every_query.q_router is None and "q_router.routing_vectors" not in every_query.state_dict()
+    assert every_query(torch.randn(2, 64, DIM)).shape == (2, 64, DIM)
 
     from colt5_attention.vit import ConditionalRoutedViT as ReferenceViT
 

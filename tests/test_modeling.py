@@ -109,7 +109,24 @@ INVALID_CONFIGS = [
     ({"is_causal": True, "routed_query_tokens": 4}, "routed_query_tokens"),
     ({"is_causal": True, "routed_ff_tokens": 4}, "routed_ff_tokens"),
     ({"is_causal": True, "route_block_size": 64}, "route_block_size"),
+    ({"is_causal": True, "routed_query_tokens": 1.0, "learned_unrouted_query_output": True},
+     "learned_unrouted_query_output"),
 ]
+
+
+def test_the_causal_model_makes_every_token_a_heavy_query_by_default(tmp_path):
+    """routed_query_tokens=None resolves to the encoder's 1/16 or the causal model's 1.0, and a saved config keeps
+    the resolved value; an explicit share is kept as given."""
+    causal = CoLT5Config(is_causal=True)
+    assert causal.routed_query_tokens == 1.0 and isinstance(causal.routed_query_tokens, float)
+    assert CoLT5Config(is_encoder_decoder=True).routed_query_tokens == 1 / 16
+    assert CoLT5Config(is_causal=True, routed_query_tokens=0.25).routed_query_tokens == 0.25
+    causal.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["routed_query_tokens"] == 1.0
+    assert CoLT5Config.from_pretrained(tmp_path).routed_query_tokens == 1.0
+    # A causal config saved with a share (as every one before this default) keeps it.
+    CoLT5Config(is_causal=True, routed_query_tokens=0.0625).save_pretrained(tmp_path / "share")
+    assert CoLT5Config.from_pretrained(tmp_path / "share").routed_query_tokens == 0.0625
 
 
 @pytest.mark.parametrize(
