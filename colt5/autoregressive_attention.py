@@ -109,9 +109,10 @@ class ConditionalRoutedAutoregressiveAttention(CausalRoutedAttention):
             multiply_queries_by_score=multiply_queries_by_score,
             # With every token of a window a heavy query no token is unrouted: the reference's null query token (on by
             # default) would never be used, so the layer has none.
-            learned_unrouted_output=num_heavy_tokens_q < heavy_window_size and one_spelling(
+            learned_unrouted_output=one_spelling(
                 True, use_null_q_tokens=use_null_q_tokens, learned_unrouted_output=learned_unrouted_output
-            ),
+            )
+            and num_heavy_tokens_q < heavy_window_size,
             router_kwargs=router,
             rotary_emb=rotary_emb,
             light_rotary_emb=light_rotary_emb,

@@ -329,16 +329,18 @@ class CausalRoutedAttention(TwoBranchAttention):
 
         gate = self._gate(x, valid)
         routed_in_block = gate.routed.gather(1, order.flatten(1)).view_as(order) & in_block
-        if self.q_router is None:  # every slot of a block is a query (a block's valid tokens come first)
+        if self.q_router is None:
+            # Every slot of a block is a query, in order (a block's valid tokens come first): no count, no sort.
             num_queries = block
+            query_slot = torch.arange(block, device=x.device).expand_as(order)
         else:
             # Query slots per block: a power of two >= 64 (within the block), so that the attention below meets few
-            # shapes (cuDNN builds a graph per shape); the extra slots are empty.
+            # shapes (cuDNN builds a graph per shape); the extra slots are empty. The routed tokens come first.
             most = int(routed_in_block.sum(-1).max())
             num_queries = min(block, max(64, 1 << (most - 1).bit_length())) if most else 0
+            query_slot = (~routed_in_block).to(torch.int8).sort(dim=-1, stable=True).indices[..., :num_queries]
         heavy = x.new_zeros(batch, length, dim)
         if num_queries > 0:
-            query_slot = (~routed_in_block).to(torch.int8).sort(dim=-1, stable=True).indices[..., :num_queries]
             query_valid = routed_in_block.gather(-1, query_slot)  # (b, j, g)
             query_tokens = order.gather(-1, query_slot).flatten(1)  # (b, j * g)
             query_weights = gate.weights.gather(1, query_tokens)

@@ -16,7 +16,7 @@ Models, trained from scratch in the same run on the same examples (same seed), b
   position (ByT5's sentinels), and the head predicts them.
 Sizes: width 256, 4 layers, rotary base --rope-theta (Llama and CoLT5); Llama/Bert 4 heads of 64 and a 4x MLP;
 CoLT5 2 light and 4 heavy heads of 64, light MLP 128 and heavy MLP 1024, window 127, 1/16 of tokens to the heavy MLP,
-heavy queries as CoLT5Config's default (causal: every token; encoder: 1/16) (--colt5-config changes any of it);
+heavy queries as CoLT5Config's default (causal: every token; encoder: 1/16); --colt5-config changes any of it;
 causal: a memory of max_length / 8 keys/values per block of min(max_length / 8, 1024) tokens; encoder: 1/8 as
 keys/values.
 
