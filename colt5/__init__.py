@@ -14,7 +14,7 @@ from transformers import (
 
 from .autoregressive_attention import ConditionalRoutedAutoregressiveAttention
 from .cache_colt5 import CoLT5Cache
-from .causal_attention import CausalAttentionState, CausalRoutedAttention
+from .causal_attention import CausalRoutedAttention
 from .causal_router import ThresholdRouter, route_block_memory
 from .configuration_colt5 import CoLT5Config
 from .convert_colt5_attention import from_colt5_attention
@@ -52,7 +52,6 @@ __all__ = [
     "CoLT5Model",
     "CoLT5ForSequenceClassification",
     "CoLT5PreTrainedModel",
-    "CausalAttentionState",
     "CausalRoutedAttention",
     "CausalRoutedFeedForward",
     "CausalRoutedTransformerBlock",

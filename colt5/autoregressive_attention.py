@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from .causal_attention import CausalAttentionState, CausalRoutedAttention
+from .cache_colt5 import CoLT5Cache
+from .causal_attention import CausalRoutedAttention
 from .router import router_layer_kwargs, with_default_schedule
 from .spellings import one_spelling
 
@@ -128,17 +129,16 @@ class ConditionalRoutedAutoregressiveAttention(CausalRoutedAttention):
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        state: CausalAttentionState | None = None,
-        valid_counts: list[int] | None = None,
+        cache: CoLT5Cache | None = None,
         *,
         num_heavy_tokens_q: int | None = None,
         num_heavy_tokens_kv: int | None = None,
         random_route: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, CausalAttentionState | None]:
+    ) -> torch.Tensor:
         """Attend causally: `x` `(batch, n, dim)` -> `(batch, n, dim)`, as colt5-attention's layer returns it.
 
-        With `state` or `valid_counts` (decoding, see `CausalRoutedAttention.forward`) it returns the output and
-        the state. `num_heavy_tokens_kv` sets the memory size for one call without a state; `num_heavy_tokens_q`
+        With a `cache` (decoding, see `CausalRoutedAttention.forward`) it fills or extends the layer's
+        `CoLT5CacheLayer`. `num_heavy_tokens_kv` sets the memory size for one call without a cache; `num_heavy_tokens_q`
         can only repeat the layer's own (the query router's running threshold is kept for that share);
         `random_route` routes this call by random scores (an ablation control).
         """
@@ -148,8 +148,7 @@ class ConditionalRoutedAutoregressiveAttention(CausalRoutedAttention):
                 f"{self.num_heavy_tokens_q}): the per-token query router keeps a running threshold for the share "
                 "it was built with. Build a layer with the share you want."
             )
-        decoding = state is not None or valid_counts is not None
-        if num_heavy_tokens_kv is not None and decoding:
+        if num_heavy_tokens_kv is not None and cache is not None:
             raise ValueError(
                 "num_heavy_tokens_kv cannot change while decoding: the cached memory has the layer's size."
             )
@@ -169,7 +168,7 @@ class ConditionalRoutedAutoregressiveAttention(CausalRoutedAttention):
                 self.memory_size = num_heavy_tokens_kv
             for router in randomised:
                 router.random_routing = router.random_routing or random_route
-            out, state = super().forward(x, mask, position_ids, state, valid_counts)
+            out = super().forward(x, mask, position_ids, cache)
         finally:
             self.memory_size = memory_size
             for router, value in zip(randomised, saved):
@@ -177,4 +176,4 @@ class ConditionalRoutedAutoregressiveAttention(CausalRoutedAttention):
             if random_route and self.q_router is not None:
                 # Random scores say nothing about the learned ones: the query router's threshold must not learn them.
                 self.q_router.discard_pending_statistics()
-        return (out, state) if decoding else out
+        return out

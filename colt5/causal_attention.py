@@ -16,74 +16,25 @@ The routed key/value memory keeps the heavy attention's cost at O(memory_size + 
 
 Decoding a token costs O(light_window_size + memory_size + block_size) per layer whatever the context length;
 at each block boundary the memory is re-routed from the stored router scores (O(context) scalars) and the keys
-and values of the old memory and the finished block (the new memory is the top of those two).
+and values of the old memory and the finished block (the new memory is the top of those two). That state lives in
+the layer's `CoLT5CacheLayer` (cache_colt5.py); this module computes tensors and attends.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .causal_router import GateOutput, ThresholdRouter, route_block_memory
+from .cache_colt5 import CoLT5Cache, CoLT5CacheLayer, RoutedMemorySettings
+from .causal_router import GateOutput, ThresholdRouter, route_block_memory, scale_memory
 from .masked_sdpa import masked_sdpa
 from .rotary import apply_rotary
 from .routed_attention import TwoBranchAttention, project
-from .router import TokenScorer, route, route_settings, with_default_schedule
-
-
-@dataclass
-class CausalAttentionState:
-    """What one causal routed attention layer keeps between decoding steps (tensors batch-first).
-
-    Positions are indices into everything the layer has seen (padding included). Decoding writes into these
-    tensors in place: only `scores` and `token_mask` grow (by doubling), everything else has a fixed size.
-
-    light_keys, light_values: `(batch, light_heads, window + 1, head_dim)` a ring buffer of the last tokens
-        (position p at slot p % (window + 1)), rotated keys.
-    light_mask: `(batch, window + 1)` filled slots holding valid tokens.
-    scores: `(batch, sets, capacity)` key/value router scores of every token seen, for re-routing.
-    token_mask: `(batch, capacity)` False for padding.
-    memory_keys, memory_values: `(batch, sets, memory_size, heads_per_set * head_dim)` the routed memory of the
-        current block (rotated keys, not scaled by the router weights), the candidates of the next re-routing.
-    memory_weights, memory_mask, memory_index: `(batch, sets, memory_size)` weights, filled slots, positions.
-    block_index: `(batch, block_size)` positions of the current block's tokens; block_fill `(batch,)` their count.
-    heavy_keys, heavy_values: `(batch, heavy_heads, memory_size + block_size, head_dim)` what a routed query
-        attends to: the memory scaled by its weights, then the current block.
-    heavy_mask: `(batch, heavy_heads, memory_size + block_size)` the slots a query may attend to.
-    seen_tokens: tokens seen so far.
-    """
-
-    light_keys: torch.Tensor
-    light_values: torch.Tensor
-    light_mask: torch.Tensor
-    scores: torch.Tensor
-    token_mask: torch.Tensor
-    memory_keys: torch.Tensor
-    memory_values: torch.Tensor
-    memory_weights: torch.Tensor
-    memory_mask: torch.Tensor
-    memory_index: torch.Tensor
-    block_index: torch.Tensor
-    block_fill: torch.Tensor
-    heavy_keys: torch.Tensor
-    heavy_values: torch.Tensor
-    heavy_mask: torch.Tensor
-    seen_tokens: int
-
-    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CausalAttentionState:
-        """A new state with `fn` applied to every tensor (for beam reordering and batch selection)."""
-        return CausalAttentionState(
-            **{
-                f.name: fn(value) if isinstance(value := getattr(self, f.name), torch.Tensor) else value
-                for f in fields(self)
-            }
-        )
+from .router import TokenScorer, route_settings, with_default_schedule
 
 
 def _at_block(t: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
@@ -116,6 +67,7 @@ class CausalRoutedAttention(TwoBranchAttention):
             random, an ablation control; see `TokenScorer`).
         router_momentum: moving-average weight of the query router's statistics.
         rotary_emb, light_rotary_emb: rotary positions in the heavy and the light branch.
+        layer_idx: the layer's index in a `CoLT5Cache` (its `CoLT5CacheLayer` holds this layer's decode state).
         branch_norms, null_kv, use_flash_attn: see `TwoBranchAttention` and `RoutedAttentionBase`
             (colt5-attention's autoregressive attention normalises its input and has a null key/value).
     """
@@ -142,6 +94,7 @@ class CausalRoutedAttention(TwoBranchAttention):
         router_momentum: float = 0.05,
         rotary_emb: bool = True,
         light_rotary_emb: bool = True,
+        layer_idx: int = 0,
         branch_norms: bool = False,
         null_kv: bool = False,
         use_flash_attn: bool | None = None,
@@ -181,7 +134,7 @@ class CausalRoutedAttention(TwoBranchAttention):
             random_routing=router_kwargs.pop("random_routing", False), cosine_sim_scale=cosine_scale if cosine else None
         )
         self.memory_route_kwargs = route_settings(**router_kwargs)
-        self.memory_size, self.block_size = memory_size, block_size
+        self.memory_size, self.block_size, self.layer_idx = memory_size, block_size, layer_idx
         if routed_query_fraction == 1 and learned_unrouted_output:
             raise ValueError(
                 "learned_unrouted_output needs routed_query_fraction < 1: with 1 every token is a heavy query, so "
@@ -204,39 +157,53 @@ class CausalRoutedAttention(TwoBranchAttention):
         x: torch.Tensor,
         mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        state: CausalAttentionState | None = None,
-        valid_counts: list[int] | None = None,
-    ) -> tuple[torch.Tensor, CausalAttentionState | None]:
+        cache: CoLT5Cache | None = None,
+    ) -> torch.Tensor:
         """Attend causally.
 
         Args:
             x: `(batch, n, dim)` the new tokens.
-            mask: `(batch, n)` bool, False for padding (default all valid). With a state, new tokens must be valid.
+            mask: `(batch, n)` bool, False for padding (default all valid). Once the cache holds tokens, new
+                tokens must be valid (the model checks this).
             position_ids: `(batch, n)` rotary positions (default: the valid index, so padding shifts nothing).
-            state: the state after the previous tokens, or None for the first call.
-            valid_counts: with a state, the number of valid tokens seen so far in each sample.
+            cache: the decode state of the previous tokens, in `cache.layers[layer_idx]`, which this call fills
+                (the first call) or extends, in place. None: a plain forward pass that keeps nothing.
 
         Returns:
-            `(batch, n, dim)` output, and the state after these tokens (None when no state was passed and
-            `valid_counts` is None: a plain forward pass keeps nothing).
+            `(batch, n, dim)` output.
         """
         batch, length, _ = x.shape
         valid = torch.ones(batch, length, dtype=torch.bool, device=x.device) if mask is None else mask.bool()
+        cache_layer = None if cache is None else cache.layers[self.layer_idx]
+        if cache_layer is not None and cache_layer.is_filled:
+            if position_ids is None:
+                position_ids = cache_layer.counts.unsqueeze(-1) + torch.arange(length, device=x.device)
+            # One token at a time: the memory may re-route between two new tokens.
+            outputs = [
+                self._decode_token(x[:, offset : offset + 1], position_ids[:, offset : offset + 1], cache_layer)
+                for offset in range(length)
+            ]
+            return torch.cat(outputs, dim=1)
         if position_ids is None:
             position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0)
-            if state is not None:
-                position_ids = position_ids + torch.tensor(valid_counts, device=x.device).unsqueeze(-1)
-        if state is None:
-            light, light_kv = self._light_full(x, mask, position_ids)
-            heavy, memory = self._heavy_full(x, valid, position_ids, keep_state=valid_counts is not None)
-            if valid_counts is None:
-                return light + heavy, None
-            return light + heavy, self._first_state(light_kv, valid, memory)
-        outputs = []
-        for offset in range(length):  # the memory may re-route between two new tokens
-            counts = [count + offset for count in valid_counts]
-            outputs.append(self._step(x[:, offset : offset + 1], position_ids[:, offset : offset + 1], state, counts))
-        return torch.cat(outputs, dim=1), state
+        light, (light_keys, light_values) = self._light_full(x, mask, position_ids)
+        heavy, kept = self._heavy_full(x, valid, position_ids, keep_state=cache_layer is not None)
+        if cache_layer is not None:
+            cache_layer.prefill(
+                self.cache_settings(), light_keys=light_keys, light_values=light_values, valid=valid, **kept
+            )
+        return light + heavy
+
+    def cache_settings(self) -> RoutedMemorySettings:
+        """What this layer's `CoLT5CacheLayer` needs to keep and re-route the routed memory."""
+        return RoutedMemorySettings(
+            memory_size=self.memory_size,
+            block_size=self.block_size,
+            light_window_size=self.light_window_size,
+            heads_per_set=self.heads_per_set,
+            multiply_keys_by_score=self.multiply_keys_by_score,
+            route_kwargs=self.memory_route_kwargs,
+        )
 
     def _gate(self, x: torch.Tensor, valid: torch.Tensor) -> GateOutput:
         """The heavy queries among `(batch, n, dim)` tokens (`valid` `(batch, n)` bool): the query router's
@@ -250,16 +217,6 @@ class CausalRoutedAttention(TwoBranchAttention):
         q, k, v = self._light_qkv(x, position_ids)
         out = self._local_attention(q, k, v, mask)
         return self.light_o_proj(rearrange(out, "b h n e -> b n (h e)")), (k, v)
-
-    def _light_ring(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
-        """The ring buffers of the state from `(batch, heads, n, head_dim)` keys/values of positions 0..n-1."""
-        length, ring = keys.shape[2], self.light_window_size + 1
-        last = torch.arange(max(0, length - ring), length, device=keys.device)
-        slots = last % ring
-        ring_keys = keys.new_zeros(*keys.shape[:2], ring, keys.shape[-1]).index_copy_(2, slots, keys[:, :, last])
-        ring_values = values.new_zeros(ring_keys.shape).index_copy_(2, slots, values[:, :, last])
-        ring_mask = valid.new_zeros(valid.shape[0], ring).index_copy_(1, slots, valid[:, last])
-        return ring_keys, ring_values, ring_mask
 
     # ------------------------------------------------------------------------------------------------ heavy
     def _keys_values(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,11 +240,6 @@ class CausalRoutedAttention(TwoBranchAttention):
         if self.multiply_queries_by_score:
             q = q * weights.to(q.dtype).unsqueeze(1).unsqueeze(-1)
         return q
-
-    def _scale_memory(self, keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor):
-        """Apply the router weights `(..., m)` to memory keys (if configured) and values `(..., m, features)`."""
-        weights = weights.to(values.dtype).unsqueeze(-1)
-        return (keys * weights if self.multiply_keys_by_score else keys), values * weights
 
     def _attend(self, q, keys, values, allowed) -> torch.Tensor:
         """SDPA with per-set keys: q `(rows, heads, m, e)`, keys/values `(rows, sets, slots, heads_per_set * e)`,
@@ -317,7 +269,7 @@ class CausalRoutedAttention(TwoBranchAttention):
         memory_keys = keys.gather(2, gather_index).view(batch, -1, blocks, slots, features)
         memory_values = values.gather(2, gather_index).view(batch, -1, blocks, slots, features)
         memory_weights = rearrange(memory.weights, "b j s m -> b s j m")
-        scaled_keys, scaled_values = self._scale_memory(memory_keys, memory_values, memory_weights)
+        scaled_keys, scaled_values = scale_memory(memory_keys, memory_values, memory_weights, self.multiply_keys_by_score)
 
         # The tokens of each block in valid-index order: padding sorts last, blocks are then plain slices.
         order = (~valid).to(torch.int8).sort(dim=-1, stable=True).indices
@@ -367,121 +319,41 @@ class CausalRoutedAttention(TwoBranchAttention):
         if not keep_state:
             return heavy, None
 
-        # The state continues from each sample's last block (the one its next token may still belong to).
+        # The decode state continues from each sample's last block (the one its next token may still belong to).
         counts = valid.sum(-1)
         current = (counts - 1).clamp_min(0) // block
-        pad = self.memory_size - slots
         kept = dict(
             scores=scores.detach(),
-            memory_keys=F.pad(_at_block(memory_keys, current), (0, 0, 0, pad)),
-            memory_values=F.pad(_at_block(memory_values, current), (0, 0, 0, pad)),
-            memory_weights=F.pad(_at_block(memory_weights, current), (0, pad)),
-            memory_mask=F.pad(_at_block(rearrange(memory.mask, "b j s m -> b s j m"), current), (0, pad)),
-            memory_index=F.pad(_at_block(rearrange(memory.indices, "b j s m -> b s j m"), current), (0, pad)),
+            memory_keys=_at_block(memory_keys, current),
+            memory_values=_at_block(memory_values, current),
+            memory_weights=_at_block(memory_weights, current),
+            memory_mask=_at_block(rearrange(memory.mask, "b j s m -> b s j m"), current),
+            memory_index=_at_block(rearrange(memory.indices, "b j s m -> b s j m"), current),
+            block_keys=_at_block(block_keys, current),
+            block_values=_at_block(block_values, current),
             block_index=_at_block(order.unsqueeze(1), current).squeeze(1),
             block_fill=counts - current * block,
         )
-        block_kv = (_at_block(block_keys, current), _at_block(block_values, current))
-        return heavy, (kept, block_kv)
+        return heavy, kept
 
-    def _first_state(self, light_kv, valid: torch.Tensor, heavy_kept) -> CausalAttentionState:
-        """The state after a forward pass over a whole prompt."""
-        memory, (block_keys, block_values) = heavy_kept
-        light_keys, light_values, light_mask = self._light_ring(*light_kv, valid)
-        heavy_keys, heavy_values, heavy_mask = self._heavy_buffers(
-            memory["memory_keys"], memory["memory_values"], memory["memory_weights"], memory["memory_mask"]
-        )
-        block = torch.arange(self.block_size, device=valid.device) < memory["block_fill"].unsqueeze(-1)
-        split = "b s m (h e) -> b (s h) m e"
-        state = CausalAttentionState(
-            light_keys=light_keys,
-            light_values=light_values,
-            light_mask=light_mask,
-            token_mask=valid,
-            heavy_keys=torch.cat((heavy_keys, rearrange(block_keys, split, h=self.heads_per_set)), dim=2),
-            heavy_values=torch.cat((heavy_values, rearrange(block_values, split, h=self.heads_per_set)), dim=2),
-            heavy_mask=torch.cat((heavy_mask, block.unsqueeze(1).expand(-1, self.heavy_heads, -1)), dim=2),
-            seen_tokens=valid.shape[1],
-            **memory,
-        )
-        # Copies without autograd history: the state outlives this forward pass and must not pin its tensors.
-        return state.map_batch(lambda t: t.detach().clone())
+    def _decode_token(self, x: torch.Tensor, position_ids: torch.Tensor, cache_layer: CoLT5CacheLayer) -> torch.Tensor:
+        """One new (valid) token per sample, `x` `(batch, 1, dim)` at `(batch, 1)` positions: append it to the
+        cache layer, then attend to what it holds. After `begin_token` (host bookkeeping and re-routing) only
+        device operations with fixed shapes: a CUDA graph can replay this."""
+        cache_layer.begin_token()
+        light_q, light_k, light_v = self._light_qkv(x, position_ids)
+        heavy_k, heavy_v = self._keys_values(x, position_ids)
+        cache_layer.append(light_k, light_v, heavy_k, heavy_v, self.kv_router.scores(x))
 
-    def _heavy_buffers(self, keys, values, weights, mask):
-        """Memory part of `heavy_keys/values/mask` from `(c, sets, memory, features)` memory tensors."""
-        scaled_keys, scaled_values = self._scale_memory(keys, values, weights)
-        split = "c s m (h e) -> c (s h) m e"
-        return (
-            rearrange(scaled_keys, split, h=self.heads_per_set),
-            rearrange(scaled_values, split, h=self.heads_per_set),
-            mask.repeat_interleave(self.heads_per_set, dim=1),
+        light = masked_sdpa(
+            light_q, cache_layer.light_keys, cache_layer.light_values, cache_layer.light_mask[:, None, None]
         )
-
-    def _reroute(self, state: CausalAttentionState, samples: torch.Tensor) -> None:
-        """Replace the memory of `samples` (whose current block just filled up) by the memory of the next block:
-        the top of the old memory and the finished block, weighted by the soft top-k over the whole prefix."""
-        seen, memory = state.seen_tokens, self.memory_size
-        routed = route(
-            state.scores[samples, :, :seen], memory, state.token_mask[samples, :seen], **self.memory_route_kwargs
-        )
-        pad = memory - routed.indices.shape[-1]
-        indices, weights, filled = (F.pad(t, (0, pad)) for t in routed)
-        old_index = state.memory_index[samples].masked_fill(~state.memory_mask[samples], -1)
-        block_index = state.block_index[samples].unsqueeze(1).expand(-1, old_index.shape[1], -1)
-        candidates = torch.cat((old_index, block_index), dim=-1)  # (c, sets, memory + block)
-        source = (indices.unsqueeze(-1) == candidates.unsqueeze(-2)).int().argmax(-1)
-        source = source.unsqueeze(-1).expand(-1, -1, -1, state.memory_keys.shape[-1])
-        merge = "c (s h) m e -> c s m (h e)"
-        new_memory = []
-        for name in ("keys", "values"):
-            finished_block = rearrange(getattr(state, f"heavy_{name}")[samples, :, memory:], merge, s=self.num_routed_kv)
-            pool = torch.cat((getattr(state, f"memory_{name}")[samples], finished_block), dim=2)
-            new_memory.append(pool.gather(2, source))
-        state.memory_keys[samples], state.memory_values[samples] = new_memory
-        state.memory_index[samples] = indices
-        state.memory_weights[samples] = weights.to(state.memory_weights.dtype)
-        state.memory_mask[samples] = filled
-        heavy_keys, heavy_values, heavy_mask = self._heavy_buffers(*new_memory, weights, filled)
-        state.heavy_keys[samples, :, :memory] = heavy_keys.to(state.heavy_keys.dtype)
-        state.heavy_values[samples, :, :memory] = heavy_values.to(state.heavy_values.dtype)
-        state.heavy_mask[samples] = F.pad(heavy_mask, (0, self.block_size))
-        state.block_fill[samples] = 0
-
-    def _step(self, x, position_ids, state: CausalAttentionState, counts: list[int]) -> torch.Tensor:
-        """One new (valid) token per sample: `x` `(batch, 1, dim)`; `counts` = valid tokens before it."""
-        batch, seen = x.shape[0], state.seen_tokens
-        # Light branch: write the token into the ring buffer, then attend to every filled slot.
-        q, k, v = self._light_qkv(x, position_ids)
-        ring_slot = seen % (self.light_window_size + 1)
-        state.light_keys[:, :, ring_slot] = k[:, :, 0]
-        state.light_values[:, :, ring_slot] = v[:, :, 0]
-        state.light_mask[:, ring_slot] = True
-        light = masked_sdpa(q, state.light_keys, state.light_values, state.light_mask[:, None, None])
         light = self.light_o_proj(rearrange(light, "b h n e -> b n (h e)"))
-
-        # Heavy branch: re-route where a block just filled up, append the token to its block, attend.
-        crossing = [sample for sample, count in enumerate(counts) if count > 0 and count % self.block_size == 0]
-        if crossing:
-            self._reroute(state, torch.tensor(crossing, device=x.device))
-        keys, values = self._keys_values(x, position_ids)
-        rows = torch.arange(batch, device=x.device)
-        column = self.memory_size + state.block_fill
-        split = "b s n (h e) -> b n (s h) e"
-        state.heavy_keys[rows, :, column] = rearrange(keys, split, h=self.heads_per_set)[:, 0]
-        state.heavy_values[rows, :, column] = rearrange(values, split, h=self.heads_per_set)[:, 0]
-        state.heavy_mask[rows, :, column] = True
-        state.block_index[rows, state.block_fill] = seen
-        state.block_fill += 1
-        if seen == state.scores.shape[-1]:  # grow by doubling: amortised O(1) per token
-            state.scores = torch.cat((state.scores, torch.zeros_like(state.scores)), dim=-1)
-            state.token_mask = torch.cat((state.token_mask, torch.zeros_like(state.token_mask)), dim=-1)
-        state.scores[:, :, seen] = self.kv_router.scores(x)[:, :, 0]
-        state.token_mask[:, seen] = True
-        state.seen_tokens = seen + 1
-
         gate = self._gate(x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
         q = self._routed_queries(x, torch.zeros_like(position_ids), position_ids, gate.weights)
-        keys, values, allowed = self._with_null_kv(state.heavy_keys, state.heavy_values, state.heavy_mask.unsqueeze(2))
+        keys, values, allowed = self._with_null_kv(
+            cache_layer.heavy_keys, cache_layer.heavy_values, cache_layer.heavy_mask.unsqueeze(2)
+        )
         heavy = masked_sdpa(q, keys, values, allowed, math_only=self.math_attention)
         heavy = self.heavy_o_proj(rearrange(heavy, "b h n e -> b n (h e)")) * gate.weights.to(x.dtype).unsqueeze(-1)
         return light + heavy + self._unrouted(gate.routed, x.dtype)

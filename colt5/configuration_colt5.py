@@ -80,6 +80,9 @@ class CoLT5Config(PreTrainedConfig):
             query attends to its block's memory and to every earlier token of its own block.
         causal_router_momentum: with `is_causal`, the weight of each training batch in the moving averages of the
             per-token routers' thresholds.
+        cuda_graph_decoding: with `is_causal`, on a GPU, one-token steps with a cache (generate()'s decoding, in
+            evaluation without gradients) replay a CUDA graph of the whole step, captured at the second step of a
+            cache: decoding is otherwise host-bound. False: every step runs eagerly.
         use_cache: with `is_causal`, return a `CoLT5Cache` for fast generation; with `is_encoder_decoder`, an
             `EncoderDecoderCache` of the decoder's keys/values.
         is_encoder_decoder: the encoder-decoder model (`CoLT5ForConditionalGeneration`); the fields above describe
@@ -135,6 +138,7 @@ class CoLT5Config(PreTrainedConfig):
     is_causal: bool = False
     causal_block_size: int = 1024
     causal_router_momentum: float = 0.05
+    cuda_graph_decoding: bool = True
     use_cache: bool = True
     is_encoder_decoder: bool = False
     num_decoder_layers: int | None = None

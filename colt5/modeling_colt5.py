@@ -26,6 +26,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .cache_colt5 import CACHE_NAME, CoLT5Cache, accepts_past_key_values
+from .cuda_graph_decoding import CudaGraphDecodeStep
 from .causal_attention import CausalRoutedAttention
 from .causal_router import ThresholdRouter
 from .configuration_colt5 import CoLT5Config
@@ -94,6 +95,7 @@ class CoLT5CausalLayer(CausalRoutedTransformerBlock, GradientCheckpointingLayer)
             router_kwargs={k: v for k, v in config.router_kwargs().items() if k != "route_block_size"},
             router_momentum=config.causal_router_momentum,
             light_window_size=config.light_window_size,
+            layer_idx=layer_idx,
             **_block_kwargs(config),
         )
         self.layer_idx = layer_idx
@@ -121,6 +123,16 @@ class CoLT5PreTrainedModel(PreTrainedModel):
             init.constant_(module.shift, shift)
         if isinstance(module, (ConditionalRoutedAttention, CausalRoutedAttention)) and module.unrouted_output is not None:
             init.zeros_(module.unrouted_output)
+
+
+def check_new_tokens_valid(mask: torch.Tensor) -> None:
+    """Refuse padding among tokens appended to a filled cache (`mask` `(batch, new)`, the new tokens' columns).
+    Reads the mask on the host: one device synchronisation."""
+    if not bool(mask.all()):
+        raise ValueError(
+            "With a cache, new tokens must all be valid (attention_mask 1): CoLT5 takes padding in the first "
+            "forward pass (the prompt) only."
+        )
 
 
 def _validate_inputs(
@@ -216,38 +228,17 @@ class CoLT5Model(CoLT5PreTrainedModel):
         mask = attention_mask[:, past_length:].bool() if attention_mask is not None else None
         if causal and use_cache and cache is None:
             cache = CoLT5Cache(self.config)
-        valid_counts = None
-        if cache is not None:
-            if past_length == 0:
-                cache.valid_counts = [0] * batch
-            elif mask is not None:
-                if not bool(mask.all()):
-                    raise ValueError(
-                        "With a cache, new tokens must all be valid (attention_mask 1): CoLT5 takes padding in the "
-                        "first forward pass (the prompt) only."
-                    )
-                mask = None
-            valid_counts = cache.valid_counts
-        position_ids = self._position_ids(position_ids, mask, batch, length, inputs_embeds.device, valid_counts)
+        if past_length > 0 and mask is not None:
+            check_new_tokens_valid(mask)
+            mask = None
+        position_ids = self._position_ids(position_ids, mask, batch, length, inputs_embeds.device, cache)
 
         hidden_states = inputs_embeds
-        for idx, layer in enumerate(self.layers):
+        for layer in self.layers:
             if causal:
-                cache_layer = cache.layers[idx] if cache is not None else None
-                hidden_states, state = layer(
-                    hidden_states,
-                    attention_mask=mask,
-                    position_ids=position_ids,
-                    state=cache_layer.state if cache_layer is not None else None,
-                    valid_counts=valid_counts,
-                )
-                if cache_layer is not None:
-                    cache_layer.state = state
+                hidden_states = layer(hidden_states, attention_mask=mask, position_ids=position_ids, cache=cache)
             else:
                 hidden_states = layer(hidden_states, attention_mask=mask, position_ids=position_ids)
-        if cache is not None:
-            added = [length] * batch if mask is None else mask.sum(-1).tolist()
-            cache.valid_counts = [count + new for count, new in zip(valid_counts, added)]
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_NAME: cache})
 
     def _position_ids(
@@ -257,7 +248,7 @@ class CoLT5Model(CoLT5PreTrainedModel):
         batch: int,
         length: int,
         device: torch.device,
-        valid_counts: list[int] | None,
+        cache: CoLT5Cache | None,
     ) -> torch.Tensor:
         """`(batch, length)` rotary positions: the given ones broadcast, else 0..n-1 for the encoder and the valid
         index (padding does not count, cached tokens do) for the causal model."""
@@ -269,8 +260,8 @@ class CoLT5Model(CoLT5PreTrainedModel):
             position_ids = torch.arange(length, device=device).expand(batch, length)
         else:
             position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        if valid_counts is not None:
-            position_ids = position_ids + torch.tensor(valid_counts, device=device).unsqueeze(-1)
+        if cache is not None and cache.get_seq_length() > 0:
+            position_ids = position_ids + cache.device_counts().unsqueeze(-1)
         return position_ids
 
 
@@ -317,6 +308,10 @@ class CoLT5ForCausalLM(CoLT5PreTrainedModel, GenerationMixin):
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Next-token targets aligned with `input_ids` (the loss shifts them); -100 is ignored.
         """
+        if self._decodes_with_cuda_graph(input_ids, inputs_embeds, cache, labels, logits_to_keep, kwargs):
+            return CausalLMOutputWithPast(
+                logits=self._graph_decode_step(input_ids, attention_mask, position_ids, cache), **{CACHE_NAME: cache}
+            )
         outputs = self.model(
             input_ids,
             attention_mask=attention_mask,
@@ -339,6 +334,40 @@ class CoLT5ForCausalLM(CoLT5PreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             **{CACHE_NAME: outputs.get(CACHE_NAME)},
         )
+
+    def _decodes_with_cuda_graph(self, input_ids, inputs_embeds, cache, labels, logits_to_keep, kwargs) -> bool:
+        """Whether this call is a one-token decode step a CUDA graph can replay (see cuda_graph_decoding.py): on a
+        GPU, in evaluation without gradients, from token ids, into a filled cache, asking for logits only."""
+        return (
+            self.config.cuda_graph_decoding
+            and isinstance(cache, CoLT5Cache)
+            and cache.get_seq_length() > 0
+            and input_ids is not None
+            and inputs_embeds is None
+            and input_ids.is_cuda
+            and input_ids.shape[1] == 1
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and labels is None
+            and isinstance(logits_to_keep, int)
+            and not kwargs.get("output_hidden_states", self.config.output_hidden_states)
+            and not kwargs.get("output_attentions", self.config.output_attentions)
+        )
+
+    def _graph_decode_step(self, input_ids, attention_mask, position_ids, cache: CoLT5Cache) -> torch.Tensor:
+        """`(batch, 1, vocab)` logits of one new token per sample, from the cache's captured decode step."""
+        past_length = cache.get_seq_length()
+        _validate_inputs(input_ids, None, attention_mask, past_length)
+        if attention_mask is not None:
+            check_new_tokens_valid(attention_mask[:, past_length:])
+        if position_ids is None:
+            # A copy: the step advances the cache's counts in place.
+            position_ids = cache.device_counts().unsqueeze(-1).clone()
+        position_ids = _expand_position_ids(position_ids, input_ids.shape[0], 1)
+        if cache.decode_graph is None:
+            cache.decode_graph = CudaGraphDecodeStep()
+        return cache.decode_graph(self, cache, input_ids, position_ids)
 
 
 @auto_docstring(

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .causal_attention import CausalAttentionState, CausalRoutedAttention
+from .cache_colt5 import CoLT5Cache
+from .causal_attention import CausalRoutedAttention
 from .routed_attention import ConditionalRoutedAttention
 from .routed_feedforward import CausalRoutedFeedForward, ConditionalRoutedFeedForward
 from .router import router_layer_kwargs
@@ -253,13 +254,9 @@ class CausalRoutedTransformerBlock(_PreNormResidualBlock):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        state: CausalAttentionState | None = None,
-        valid_counts: list[int] | None = None,
-    ) -> tuple[torch.Tensor, CausalAttentionState | None]:
+        cache: CoLT5Cache | None = None,
+    ) -> torch.Tensor:
         """`hidden_states` `(batch, n, dim)`, `attention_mask` `(batch, n)` bool (False = padding),
-        `position_ids` `(batch, n)`; `state`/`valid_counts` as in `CausalRoutedAttention.forward`.
-        Returns the `(batch, n, dim)` output and the attention state."""
-        attended, state = self.attention(
-            self.attention_norm(hidden_states), attention_mask, position_ids, state, valid_counts
-        )
-        return self._add_branches(hidden_states, attended, attention_mask), state
+        `position_ids` `(batch, n)`, `cache` as in `CausalRoutedAttention.forward` -> `(batch, n, dim)`."""
+        attended = self.attention(self.attention_norm(hidden_states), attention_mask, position_ids, cache=cache)
+        return self._add_branches(hidden_states, attended, attention_mask)

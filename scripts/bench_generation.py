@@ -1,9 +1,19 @@
 """Generation benchmark: CoLT5ForCausalLM vs LlamaForCausalLM (SDPA, DynamicCache) of the same width and depth.
 
-For each context length and batch size, both models get the same random prompt and generate greedily (no early
-stop). Measured in one run on one GPU, bf16 weights:
+For each context length and batch size, the models get the same random prompt and generate greedily (no early
+stop). Measured in one run on one GPU, bf16 weights, for CoLT5 with CUDA-graph decoding (`colt5`, the default),
+the same weights decoding eagerly (`colt5 eager`, `cuda_graph_decoding=False`) and Llama:
+- first generate(2) s: the first generate() at this shape, 2 new tokens (the prefill and the first decode step),
+  with one-time costs (kernel compiles for new sizes, per-shape set-up); every later figure is of warm runs;
 - prefill: time of generate(max_new_tokens=1) (the prompt's forward pass);
-- decode tokens/s: batch * (N - 1) / (time of N new tokens - prefill time), i.e. new tokens after the first;
+- first decode s: time of the first 2 decode steps of a fresh cache (an eager warm-up step and the CUDA graph's
+  capture: the one-time cost), apart from the steady steps;
+- decode tokens/s: batch * (N - 1) / (time from the first to the last new token's logits), inside one generate()
+  of N new tokens (a logits processor synchronises and reads the clock at each step; generate's own per-step
+  work and the first decode steps included); slowest step ms: the longest of those steps;
+- step ms, device ms: one model forward of one token per sample with a cache, wall time (host and device, a
+  synchronisation after each step) and the sum of the GPU's kernel and copy times in that step (profiler); their
+  difference is host time the device waits for. Steps of a steady cache (no block boundary);
 - end-to-end tokens/s: batch * N / time of N new tokens (prefill included);
 - cache MB: bytes of every tensor in the cache returned by generate (N new tokens);
 - peak GB: torch.cuda.max_memory_allocated during the N-token generate.
@@ -17,14 +27,14 @@ Usage: python scripts/bench_generation.py [--contexts 4096 16384 32768] [--batch
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
-from dataclasses import fields, is_dataclass
 
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from colt5 import CoLT5Config, CoLT5ForCausalLM
 from colt5.cache_colt5 import CACHE_NAME
@@ -58,16 +68,10 @@ def llama_config(colt5: CoLT5Config) -> LlamaConfig:
 
 
 def cache_bytes(cache) -> int:
-    """Bytes of every tensor a cache holds (CoLT5Cache layer states or DynamicCache keys/values)."""
-    total = 0
-    for layer in cache.layers:
-        state = getattr(layer, "state", None)
-        if is_dataclass(state):
-            tensors = [getattr(state, f.name) for f in fields(state)]
-        else:
-            tensors = [layer.keys, layer.values]
-        total += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-    return total
+    """Bytes of every tensor a cache's layers hold (CoLT5CacheLayer states or DynamicCache keys/values)."""
+    return sum(
+        t.numel() * t.element_size() for layer in cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)
+    )
 
 
 def sync(device: torch.device) -> None:
@@ -75,34 +79,84 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_generate(model, prompt, new_tokens: int, device: torch.device):
+class StepClock(LogitsProcessor):
+    """Records when each generation step's logits are ready (after a device synchronisation): the first call
+    follows the prefill, each later one a decode step."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def timed_generate(model, prompt, new_tokens: int, device: torch.device, clock: StepClock | None = None):
     sync(device)
     start = time.perf_counter()
     out = model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
         do_sample=False, use_cache=True, return_dict_in_generate=True, pad_token_id=0,
+        logits_processor=LogitsProcessorList([clock] if clock is not None else []),
     )
     sync(device)
     return time.perf_counter() - start, out
+
+
+def step_times(model, prompt: torch.Tensor, device: torch.device, steps: int = 8) -> dict:
+    """Wall and device milliseconds of a one-token forward with a cache after `prompt` (see the docstring), and
+    the time of a fresh cache's first two decode steps."""
+    out = model(prompt, use_cache=True)
+    cache, token = out[CACHE_NAME], out.logits[:, -1:].argmax(-1)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(2):  # CoLT5: the eager warm-up step and the capture (the first re-routes the memory)
+        model(token, **{CACHE_NAME: cache})
+    sync(device)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(steps):
+        model(token, **{CACHE_NAME: cache})
+        sync(device)
+    wall = (time.perf_counter() - start) / steps
+    device_ms = float("nan")
+    if device.type == "cuda":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            for _ in range(steps):
+                model(token, **{CACHE_NAME: cache})
+            sync(device)
+        device_ms = sum(event.self_device_time_total for event in profile.key_averages()) / 1e3 / steps
+    return dict(first_decode_s=first, step_ms=wall * 1e3, device_ms=device_ms)
 
 
 def measure(model, context: int, batch: int, new_tokens: int, device: torch.device) -> dict:
     generator = torch.Generator().manual_seed(context + batch)
     prompt = torch.randint(3, model.config.vocab_size, (batch, context), generator=generator).to(device)
     with torch.no_grad():
-        timed_generate(model, prompt[:, : min(context, 256)], 4, device)  # warm-up
+        # The first generate() at this shape: one-time costs (the router's Triton kernels compile for each new row
+        # length: the prompt's blocks and the first re-routing; CUDA-graph capture).
+        first, _ = timed_generate(model, prompt, 2, device)
         prefill, _ = timed_generate(model, prompt, 1, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        total, out = timed_generate(model, prompt, new_tokens, device)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        clock = StepClock(device)
+        total, out = timed_generate(model, prompt, new_tokens, device, clock)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        cache_mb = cache_bytes(out[CACHE_NAME]) / 2**20
+        del out
+        steps = step_times(model, prompt, device)
+    decode_s = clock.times[-1] - clock.times[0]
     return dict(
+        first_generate_s=first,
         prefill_s=prefill,
         total_s=total,
-        decode_tok_s=batch * (new_tokens - 1) / max(total - prefill, 1e-9),
+        decode_tok_s=batch * (new_tokens - 1) / max(decode_s, 1e-9),
+        slowest_step_ms=max(b - a for a, b in zip(clock.times, clock.times[1:])) * 1e3,
         end_to_end_tok_s=batch * new_tokens / total,
-        cache_mb=cache_bytes(out[CACHE_NAME]) / 2**20,
+        cache_mb=cache_mb,
         peak_gb=peak,
+        **steps,
     )
 
 
@@ -118,10 +172,14 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     colt5 = colt5_config(args.smoke)
+    eager_config = copy.deepcopy(colt5)
+    eager_config.cuda_graph_decoding = False
     models = {
         "colt5": CoLT5ForCausalLM(colt5),
+        "colt5 eager": CoLT5ForCausalLM(eager_config),
         "llama": LlamaForCausalLM._from_config(llama_config(colt5), attn_implementation="sdpa"),
     }
+    models["colt5 eager"].load_state_dict(models["colt5"].state_dict())
     for model in models.values():
         model.to(device=device, dtype=dtype).eval()
     params = {name: sum(p.numel() for p in model.parameters()) / 1e6 for name, model in models.items()}
@@ -131,16 +189,16 @@ def main() -> None:
         for batch in args.batches:
             result = {name: measure(model, context, batch, args.new_tokens, device) for name, model in models.items()}
             rows.append(dict(context=context, batch=batch, **result))
-            c, l = result["colt5"], result["llama"]
-            print(
-                f"context {context:>6} batch {batch}: decode tok/s colt5 {c['decode_tok_s']:8.1f} llama "
-                f"{l['decode_tok_s']:8.1f} ({c['decode_tok_s'] / l['decode_tok_s']:.2f}x) | end-to-end tok/s "
-                f"{c['end_to_end_tok_s']:8.1f} vs {l['end_to_end_tok_s']:8.1f} "
-                f"({c['end_to_end_tok_s'] / l['end_to_end_tok_s']:.2f}x) | prefill s {c['prefill_s']:.3f} vs "
-                f"{l['prefill_s']:.3f} | cache MB {c['cache_mb']:8.1f} vs {l['cache_mb']:8.1f} "
-                f"({c['cache_mb'] / l['cache_mb']:.3f}x) | peak GB {c['peak_gb']:.2f} vs {l['peak_gb']:.2f}",
-                flush=True,
-            )
+            llama = result["llama"]
+            for name, r in result.items():
+                ratio = f"({r['decode_tok_s'] / llama['decode_tok_s']:5.2f}x)" if name != "llama" else " " * 8
+                print(
+                    f"context {context:>6} batch {batch} {name:<11}: decode tok/s {r['decode_tok_s']:8.1f} {ratio} | "
+                    f"step ms {r['step_ms']:6.2f} device ms {r['device_ms']:6.2f} | end-to-end tok/s "
+                    f"{r['end_to_end_tok_s']:8.1f} | prefill s {r['prefill_s']:.3f} first generate(2) s {r['first_generate_s']:.3f} | "
+                    f"first decode s {r['first_decode_s']:.3f} slowest step ms {r['slowest_step_ms']:6.1f} | cache MB {r['cache_mb']:8.1f} | peak GB {r['peak_gb']:.2f}",
+                    flush=True,
+                )
 
     meta = dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",

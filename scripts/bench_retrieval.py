@@ -77,11 +77,13 @@ class LightOnlyAttention(nn.Module):
         super().__init__()
         self.attention = attention
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor, *state, **amounts):
-        """The light branch's output for the causal layer's `(x, mask, position_ids, state, valid_counts)` call (with
-        no state: training and evaluation only) or the encoder layer's (whose heavy amounts have nothing to set)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor, cache=None, **amounts):
+        """The light branch's output for the causal layer's `(x, mask, position_ids, cache)` call (without a cache:
+        training and evaluation only) or the encoder layer's (whose heavy amounts have nothing to set)."""
+        if cache is not None:
+            raise ValueError("The light-only control is for training and evaluation: it keeps no decode cache.")
         if isinstance(self.attention, CausalRoutedAttention):
-            return self.attention._light_full(x, mask, position_ids)[0], None
+            return self.attention._light_full(x, mask, position_ids)[0]
         return self.attention._light(x, mask, position_ids)
 
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from colt5 import CausalRoutedAttention, ConditionalRoutedAutoregressiveAttention
+from colt5 import CausalRoutedAttention, CoLT5Cache, ConditionalRoutedAutoregressiveAttention
 
 DIM = 32
 SETTINGS = dict(
@@ -68,16 +68,16 @@ def test_the_reference_layer_looks_at_later_tokens_of_its_window():
     assert max(changes_before_and_after(layer, x, t)[0] for t in (17, 20, 33, 36)) > 1e-3
 
 
-def test_decoding_with_a_state_equals_the_full_forward():
+def test_decoding_with_a_cache_equals_the_full_forward():
     layer = make_layer().eval()
     x = torch.randn(2, 40, DIM)
+    cache = CoLT5Cache(num_hidden_layers=1)
     with torch.no_grad():
         full = layer(x)
-        prompt, state = layer(x[:, :21], valid_counts=[0, 0])
-        steps = [prompt]
+        steps = [layer(x[:, :21], cache=cache)]
         for t in range(21, 40):
-            out, state = layer(x[:, t : t + 1], state=state, valid_counts=[t, t])
-            steps.append(out)
+            steps.append(layer(x[:, t : t + 1], cache=cache))
+    assert cache.valid_counts == [40, 40] and cache.get_seq_length() == 40
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
 
 
@@ -108,9 +108,10 @@ def test_errors_name_what_to_do():
     with pytest.raises(ValueError, match="cannot change per call"):
         layer(x, num_heavy_tokens_q=8)
     layer(x, num_heavy_tokens_q=4)  # the layer's own share is fine
-    _, state = layer(x, valid_counts=[0])
+    cache = CoLT5Cache(num_hidden_layers=1)
+    layer(x, cache=cache)
     with pytest.raises(ValueError, match="cannot change while decoding"):
-        layer(x[:, :1], state=state, valid_counts=[20], num_heavy_tokens_kv=4)
+        layer(x[:, :1], cache=cache, num_heavy_tokens_kv=4)
 
 
 def test_random_route_in_training_leaves_the_query_router_statistics_alone():

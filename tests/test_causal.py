@@ -160,12 +160,6 @@ def make_causal_layer(kind, sets=2, n_iters=None, query_fraction=TARGET):
     raise AssertionError(kind)
 
 
-def layer_output(layer, x, mask=None):
-    """Output of a causal layer (attention and block return `(out, state)`) or of an encoder attention layer."""
-    out = layer(x, mask)
-    return out[0] if isinstance(out, tuple) else out
-
-
 def positions_to_check(n):
     """Positions t: the first token, inside blocks, both sides of every block edge, the last but one token,
     and three random ones."""
@@ -202,7 +196,7 @@ def test_layer_outputs_do_not_depend_on_later_tokens(kind, sets, n_iters, query_
     x = torch.randn(2, n, DIM)
     records, _ = record_routing(layer)
     for t in positions_to_check(n):
-        prefix, suffix = prefix_and_suffix_changes(lambda inp: layer_output(layer, inp), x, t, perturb_features)
+        prefix, suffix = prefix_and_suffix_changes(layer, x, t, perturb_features)
         assert prefix <= CAUSAL_ATOL, f"t={t}: outputs at positions <= t changed by {prefix}"
         assert suffix > 1e-3, f"t={t}: the perturbation after t changed nothing ({suffix})"
     # The heavy branches took part: every per-token router routed some tokens.
@@ -250,7 +244,7 @@ def test_every_query_heavy_branch_equals_a_per_token_reference():
     x = torch.randn(2, 40, DIM, dtype=torch.float64)  # blocks of 16: two full ones and a partial one
     with torch.no_grad():
         light = layer._light_full(x, None, torch.arange(40).expand(2, 40))[0]
-        heavy = layer(x)[0] - light
+        heavy = layer(x) - light
         expected = every_query_heavy_reference(layer, x)
     torch.testing.assert_close(heavy, expected, atol=1e-10, rtol=0)
     assert expected.abs().max() > 1e-2  # the heavy branch contributes
@@ -345,7 +339,7 @@ def test_causality_check_detects_an_encoder_layer():
     ).eval()
     x = torch.randn(2, 48, DIM)
     for t in (15, 16, 31, 32):
-        prefix, _ = prefix_and_suffix_changes(lambda inp: layer_output(layer, inp), x, t, perturb_features)
+        prefix, _ = prefix_and_suffix_changes(layer, x, t, perturb_features)
         assert prefix > 1e-3, f"t={t}: the encoder layer looked causal ({prefix})"
 
 
@@ -361,10 +355,10 @@ def test_causality_check_detects_a_memory_routed_from_the_future(monkeypatch):
 
     layer = make_causal_layer("attention").eval()
     x = torch.randn(2, 48, DIM)
-    honest = [prefix_and_suffix_changes(lambda inp: layer_output(layer, inp), x, t, perturb_features)[0]
+    honest = [prefix_and_suffix_changes(layer, x, t, perturb_features)[0]
               for t in (15, 16, 31, 32)]
     monkeypatch.setattr(causal_attention, "route_block_memory", leaky_route_block_memory)
-    leaky = [prefix_and_suffix_changes(lambda inp: layer_output(layer, inp), x, t, perturb_features)[0]
+    leaky = [prefix_and_suffix_changes(layer, x, t, perturb_features)[0]
              for t in (15, 16, 31, 32)]
     assert max(honest) <= CAUSAL_ATOL
     assert max(leaky) > 1e-3, leaky

@@ -84,11 +84,6 @@ def inputs(kind: str, batch: int = 2) -> tuple[torch.Tensor, ...]:
     return (torch.randn(batch, 24, DIM),)
 
 
-def output(layer: torch.nn.Module, *args) -> torch.Tensor:
-    out = layer(*args)
-    return out[0] if isinstance(out, tuple) else out  # the causal attention returns (output, state)
-
-
 def routers(layer: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in layer.modules() if hasattr(module, "routing_vectors")]
 
@@ -106,11 +101,11 @@ def test_random_routing_ignores_content_and_follows_the_torch_seed(kind):
     layer = make_attention(kind, router_kwargs=dict(random_routing=True)).double().eval()
     args = tuple(t.double().requires_grad_() for t in inputs(kind))
     torch.manual_seed(1)
-    first = output(layer, *args)
+    first = layer(*args)
     torch.manual_seed(1)
-    again = output(layer, *args)
+    again = layer(*args)
     torch.manual_seed(2)
-    other_draw = output(layer, *args)
+    other_draw = layer(*args)
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     assert (first - other_draw).abs().max() > 1e-3, "a new draw should route other tokens"
 
@@ -124,7 +119,7 @@ def test_random_routing_ignores_content_and_follows_the_torch_seed(kind):
 def test_learned_routing_trains_the_routing_vectors(kind):
     """The control for the test above: without random routing every routing vector gets a gradient."""
     layer = make_attention(kind).double()
-    output(layer, *(t.double() for t in inputs(kind))).square().sum().backward()
+    layer(*(t.double() for t in inputs(kind))).square().sum().backward()
     for router in routers(layer):
         assert router.routing_vectors.grad is not None and router.routing_vectors.grad.abs().sum() > 0
 
@@ -168,9 +163,9 @@ def test_random_routing_causal_attention_stays_causal():
     changed = x.clone()
     changed[:, 13:] = torch.randn_like(changed[:, 13:])
     torch.manual_seed(3)
-    reference = output(layer, x)
+    reference = layer(x)
     torch.manual_seed(3)
-    perturbed = output(layer, changed)
+    perturbed = layer(changed)
     torch.testing.assert_close(perturbed[:, :13], reference[:, :13], rtol=0, atol=1e-6)
     assert (perturbed[:, 13:] - reference[:, 13:]).abs().max() > 1e-3
 
@@ -207,9 +202,9 @@ def test_score_multiplication_options_change_the_heavy_output(kind, option):
     flipped = same_weights(kind, layer, **{option: not default[option]}).double()
     args = tuple(t.double() for t in inputs(kind))
     torch.manual_seed(0)
-    first = output(layer, *args)
+    first = layer(*args)
     torch.manual_seed(0)
-    second = output(flipped, *args)
+    second = flipped(*args)
     assert (first - second).abs().max() > 1e-6
 
 
@@ -217,10 +212,10 @@ def test_score_multiplication_options_change_the_heavy_output(kind, option):
 def test_learned_unrouted_output_changes_only_unrouted_positions(kind):
     layer = make_attention(kind, learned_unrouted_output=True).double().eval()
     args = tuple(t.double() for t in inputs(kind))
-    without = output(layer, *args)
+    without = layer(*args)
     with torch.no_grad():
         layer.unrouted_output.copy_(torch.randn(DIM))
-    with_vector = output(layer, *args)
+    with_vector = layer(*args)
     difference = with_vector - without
     if kind == "image":
         difference = difference.movedim(1, -1).flatten(1, 2)
@@ -237,7 +232,7 @@ def test_key_value_routing_sets_split_the_heads(kind, num_routed_kv):
     kv_router = layer.kv_router
     assert kv_router.routing_vectors.shape == (num_routed_kv, layer.heavy_k_proj.in_features)
     assert layer.heads_per_set * num_routed_kv == layer.heavy_heads
-    out = output(layer, *inputs(kind))
+    out = layer(*inputs(kind))
     assert torch.isfinite(out).all()
 
 

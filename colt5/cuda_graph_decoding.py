@@ -1,0 +1,75 @@
+# Copyright 2026 The CoLT5 developers. Licensed under the Apache License, Version 2.0.
+"""One-token decode steps of `CoLT5ForCausalLM` replayed from a captured CUDA graph.
+
+Why: a decode step of the causal model is a few hundred small kernels (per layer: projections, the ring buffer and
+block writes, two attentions, two MLPs), each taking microseconds on the GPU and tens of microseconds of Python and
+dispatch on the host, so eager decoding is host-bound. A step has fixed shapes and, after the cache layers' host
+bookkeeping (`CoLT5CacheLayer.begin_token`: re-routing at block boundaries, growing the score buffer), only device
+operations at device indices, so the whole step can be captured once and replayed.
+
+How: per cache, the first step whose cache tensors are new runs eagerly (it also warms kernels up); the next one
+is captured and every later one replayed, after `begin_token` on every layer. A cache layer that replaces a tensor
+(a larger score buffer, a new batch size) changes its `version`, and the next step captures anew.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cache_colt5 import CoLT5Cache
+
+
+class CudaGraphDecodeStep:
+    """The captured decode step of one cache (kept as `CoLT5Cache.decode_graph`)."""
+
+    def __init__(self):
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key: tuple | None = None
+        self.warmed_key: tuple | None = None
+        self.input_ids: torch.Tensor | None = None
+        self.position_ids: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+        self.captures = 0
+
+    def __call__(
+        self, model: nn.Module, cache: CoLT5Cache, input_ids: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits `(batch, 1, vocab)` of `input_ids` `(batch, 1)` at `position_ids` `(batch, 1)`, appending the
+        token to `cache` (a fresh tensor: the graph's own output is overwritten by the next step)."""
+        for layer in cache.layers:
+            layer.begin_token()
+        key = (id(model), tuple(input_ids.shape), input_ids.device, tuple(layer.version for layer in cache.layers))
+        if key == self.key:
+            self.input_ids.copy_(input_ids)
+            self.position_ids.copy_(position_ids)
+            self.graph.replay()
+            return self.logits.clone()
+        if key != self.warmed_key:
+            # New tensors: one eager step first (lazy initialisations, kernel selection), then capture.
+            self.warmed_key = key
+            return self._run(model, cache, input_ids, position_ids)
+        self.graph = None  # release the old graph's memory before capturing the new one
+        self.input_ids, self.position_ids = input_ids.clone(), position_ids.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._run(model, cache, self.input_ids, self.position_ids)
+        self.graph, self.key = graph, key
+        self.captures += 1
+        graph.replay()  # capturing records the step without running it
+        return self.logits.clone()
+
+    @staticmethod
+    def _run(model: nn.Module, cache: CoLT5Cache, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The step's device work, with every layer's `begin_token` already done."""
+        for layer in cache.layers:
+            layer.tokens_begun_outside = True
+        try:
+            hidden = model.model(input_ids, position_ids=position_ids, cache=cache, use_cache=True).last_hidden_state
+            return model.lm_head(hidden)
+        finally:
+            for layer in cache.layers:
+                layer.tokens_begun_outside = False
+
+
+__all__ = ["CudaGraphDecodeStep"]
