@@ -361,10 +361,8 @@ class CoLT5ForCausalLM(CoLT5PreTrainedModel, GenerationMixin):
         _validate_inputs(input_ids, None, attention_mask, past_length)
         if attention_mask is not None:
             check_new_tokens_valid(attention_mask[:, past_length:])
-        if position_ids is None:
-            # A copy: the step advances the cache's counts in place.
-            position_ids = cache.device_counts().unsqueeze(-1).clone()
-        position_ids = _expand_position_ids(position_ids, input_ids.shape[0], 1)
+        # A new tensor, not a view of the cache's counts: the step advances those in place.
+        position_ids = self.model._position_ids(position_ids, None, input_ids.shape[0], 1, input_ids.device, cache)
         if cache.decode_graph is None:
             cache.decode_graph = CudaGraphDecodeStep()
         return cache.decode_graph(self, cache, input_ids, position_ids)
