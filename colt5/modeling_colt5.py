@@ -125,7 +125,7 @@ class CoLT5PreTrainedModel(PreTrainedModel):
             init.zeros_(module.unrouted_output)
 
 
-def check_new_tokens_valid(mask: torch.Tensor) -> None:
+def _check_new_tokens_valid(mask: torch.Tensor) -> None:
     """Refuse padding among tokens appended to a filled cache (`mask` `(batch, new)`, the new tokens' columns).
     Reads the mask on the host: one device synchronisation."""
     if not bool(mask.all()):
@@ -229,7 +229,7 @@ class CoLT5Model(CoLT5PreTrainedModel):
         if causal and use_cache and cache is None:
             cache = CoLT5Cache(self.config)
         if past_length > 0 and mask is not None:
-            check_new_tokens_valid(mask)
+            _check_new_tokens_valid(mask)
             mask = None
         position_ids = self._position_ids(position_ids, mask, batch, length, inputs_embeds.device, cache)
 
@@ -351,8 +351,9 @@ class CoLT5ForCausalLM(CoLT5PreTrainedModel, GenerationMixin):
             and not torch.compiler.is_compiling()
             and labels is None
             and isinstance(logits_to_keep, int)
-            and not kwargs.get("output_hidden_states", self.config.output_hidden_states)
-            and not kwargs.get("output_attentions", self.config.output_attentions)
+            # None means the config's setting; either one asking for them keeps the step eager.
+            and not (kwargs.get("output_hidden_states") or self.config.output_hidden_states)
+            and not (kwargs.get("output_attentions") or self.config.output_attentions)
         )
 
     def _graph_decode_step(self, input_ids, attention_mask, position_ids, cache: CoLT5Cache) -> torch.Tensor:
@@ -360,7 +361,7 @@ class CoLT5ForCausalLM(CoLT5PreTrainedModel, GenerationMixin):
         past_length = cache.get_seq_length()
         _validate_inputs(input_ids, None, attention_mask, past_length)
         if attention_mask is not None:
-            check_new_tokens_valid(attention_mask[:, past_length:])
+            _check_new_tokens_valid(attention_mask[:, past_length:])
         # A new tensor, not a view of the cache's counts: the step advances those in place.
         position_ids = self.model._position_ids(position_ids, None, input_ids.shape[0], 1, input_ids.device, cache)
         if cache.decode_graph is None:
