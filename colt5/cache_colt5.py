@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .causal_router import scale_memory
+from .memory_attention import scale_memory
 from .router import route
 
 # The name under which generate() passes the cache to forward() and reads it back from the outputs: transformers 5.24

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .cache_colt5 import CoLT5Cache, CoLT5CacheLayer, RoutedMemorySettings
-from .causal_router import GateOutput, ThresholdRouter, route_block_memory, scale_memory
+from .causal_router import GateOutput, ThresholdRouter, route_block_memory
 from .masked_sdpa import masked_sdpa
+from .memory_attention import memory_attention, tokens_at
 from .rotary import apply_rotary
 from .routed_attention import TwoBranchAttention, project
 from .router import TokenScorer, route_settings, with_default_schedule
@@ -241,43 +242,17 @@ class CausalRoutedAttention(TwoBranchAttention):
             q = q * weights.to(q.dtype).unsqueeze(1).unsqueeze(-1)
         return q
 
-    def _attend(self, q, keys, values, allowed) -> torch.Tensor:
-        """SDPA with per-set keys: q `(rows, heads, m, e)`, keys/values `(rows, sets, slots, heads_per_set * e)`,
-        allowed `(rows, sets, m, slots)` -> `(rows, m, heads * e)`."""
-        split = "r s m (h e) -> r (s h) m e"
-        keys = rearrange(keys, split, h=self.heads_per_set)
-        values = rearrange(values, split, h=self.heads_per_set)
-        # Query slots left empty (no routed token) have nothing to attend to: let them see everything, unused.
-        allowed = allowed | ~allowed.any(-1, keepdim=True)
-        allowed = allowed.repeat_interleave(self.heads_per_set, dim=1) if self.num_routed_kv > 1 else allowed
-        keys, values, allowed = self._with_null_kv(keys, values, allowed)
-        # A mask that differs per query: the memory-efficient kernel's backward pass is 7x slower than cuDNN's here.
-        dropout = self.dropout if self.training else 0.0
-        out = masked_sdpa(q, keys, values, allowed, dropout, prefer_cudnn=True, math_only=self.math_attention)
-        return rearrange(out, "r h m e -> r m (h e)")
-
     def _heavy_full(self, x: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor, keep_state: bool):
         batch, length, dim = x.shape
         block, blocks = self.block_size, math.ceil(length / self.block_size)
         keys, values = self._keys_values(x, position_ids)
-        features = keys.shape[-1]
         scores = self.kv_router.scores(x)
         memory = route_block_memory(scores, valid, block, self.memory_size, **self.memory_route_kwargs)
-        slots = memory.indices.shape[-1]
-        memory_index = rearrange(memory.indices, "b j s m -> b s (j m)")
-        gather_index = memory_index.unsqueeze(-1).expand(-1, -1, -1, features)
-        memory_keys = keys.gather(2, gather_index).view(batch, -1, blocks, slots, features)
-        memory_values = values.gather(2, gather_index).view(batch, -1, blocks, slots, features)
-        memory_weights = rearrange(memory.weights, "b j s m -> b s j m")
-        scaled_keys, scaled_values = scale_memory(memory_keys, memory_values, memory_weights, self.multiply_keys_by_score)
 
         # The tokens of each block in valid-index order: padding sorts last, blocks are then plain slices.
         order = (~valid).to(torch.int8).sort(dim=-1, stable=True).indices
         order = F.pad(order, (0, blocks * block - length)).view(batch, blocks, block)
         in_block = (torch.arange(blocks * block, device=x.device) < valid.sum(-1, keepdim=True)).view_as(order)
-        block_index = order.view(batch, 1, -1, 1).expand(-1, keys.shape[1], -1, features)
-        block_keys = keys.gather(2, block_index).view(batch, -1, blocks, block, features)
-        block_values = values.gather(2, block_index).view(batch, -1, blocks, block, features)
 
         gate = self._gate(x, valid)
         routed_in_block = gate.routed.gather(1, order.flatten(1)).view_as(order) & in_block
@@ -297,20 +272,19 @@ class CausalRoutedAttention(TwoBranchAttention):
             query_tokens = order.gather(-1, query_slot).flatten(1)  # (b, j * g)
             query_weights = gate.weights.gather(1, query_tokens)
             q = self._routed_queries(x, query_tokens, position_ids, query_weights)
-            q = rearrange(q, "b h (j g) e -> (b j) h g e", j=blocks)
-
-            causal = torch.arange(block, device=x.device) <= query_slot.unsqueeze(-1)  # (b, j, g, block)
-            block_allowed = (causal & in_block.unsqueeze(2)).unsqueeze(2)  # (b, j, 1, g, block)
-            memory_allowed = rearrange(memory.mask, "b j s m -> b j s 1 m").expand(-1, -1, -1, num_queries, -1)
-            allowed = torch.cat(
-                (memory_allowed, block_allowed.expand(-1, -1, memory_allowed.shape[2], -1, -1)), dim=-1
-            )
-            merge = "b s j m f -> (b j) s m f"
-            out = self._attend(
-                q,
-                torch.cat((rearrange(scaled_keys, merge), rearrange(block_keys, merge)), dim=2),
-                torch.cat((rearrange(scaled_values, merge), rearrange(block_values, merge)), dim=2),
-                allowed.flatten(0, 1),
+            out = memory_attention(
+                rearrange(q, "b h (j g) e -> (b j) h g e", j=blocks),
+                keys,
+                values,
+                memory.indices.masked_fill(~memory.mask, -1),
+                memory.weights,
+                order.masked_fill(~in_block, -1),
+                query_slot,
+                multiply_keys=self.multiply_keys_by_score,
+                every_query=self.q_router is None,
+                null_kv=self.heavy_null_kv,
+                dropout=self.dropout if self.training else 0.0,
+                math_only=self.math_attention,
             )
             out = self.heavy_o_proj(out).view(batch, -1, dim)
             out = out * (query_weights * query_valid.flatten(1)).to(out.dtype).unsqueeze(-1)
@@ -322,16 +296,19 @@ class CausalRoutedAttention(TwoBranchAttention):
         # The decode state continues from each sample's last block (the one its next token may still belong to).
         counts = valid.sum(-1)
         current = (counts - 1).clamp_min(0) // block
+        memory_index = _at_block(rearrange(memory.indices, "b j s m -> b s j m"), current)  # (b, s, m)
+        block_index = _at_block(order.unsqueeze(1), current).squeeze(1)  # (b, block)
+        current_block = block_index.unsqueeze(1).expand(-1, keys.shape[1], -1)
         kept = dict(
             scores=scores.detach(),
-            memory_keys=_at_block(memory_keys, current),
-            memory_values=_at_block(memory_values, current),
-            memory_weights=_at_block(memory_weights, current),
+            memory_keys=tokens_at(keys, memory_index),
+            memory_values=tokens_at(values, memory_index),
+            memory_weights=_at_block(rearrange(memory.weights, "b j s m -> b s j m"), current),
             memory_mask=_at_block(rearrange(memory.mask, "b j s m -> b s j m"), current),
-            memory_index=_at_block(rearrange(memory.indices, "b j s m -> b s j m"), current),
-            block_keys=_at_block(block_keys, current),
-            block_values=_at_block(block_values, current),
-            block_index=_at_block(order.unsqueeze(1), current).squeeze(1),
+            memory_index=memory_index,
+            block_keys=tokens_at(keys, current_block),
+            block_values=tokens_at(values, current_block),
+            block_index=block_index,
             block_fill=counts - current * block,
         )
         return heavy, kept

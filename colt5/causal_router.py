@@ -186,14 +186,6 @@ class ThresholdRouter(TokenScorer):
             self.shift.lerp_(torch.as_tensor(shift).to(self.shift), self.momentum)
 
 
-def scale_memory(
-    keys: torch.Tensor, values: torch.Tensor, weights: torch.Tensor, multiply_keys: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply routed-memory weights `(..., m)` to its keys (when `multiply_keys`) and values `(..., m, features)`."""
-    weights = weights.to(values.dtype).unsqueeze(-1)
-    return (keys * weights if multiply_keys else keys), values * weights
-
-
 def route_block_memory(
     scores: torch.Tensor,
     valid: torch.Tensor,

@@ -48,3 +48,15 @@ def masked_sdpa(
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     with sdpa_kernel(_BACKENDS):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+def prepend_null_kv(
+    k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, null_kv: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Prepend a learned null key/value `(2, heads, head_dim)` (None: nothing) to `(rows, heads, slots, head_dim)`
+    keys and values, and an always-allowed slot to a `(rows, heads, queries, slots)`-broadcastable mask."""
+    if null_kv is None:
+        return k, v, mask
+    null_k, null_v = (t.to(k.dtype)[None, :, None].expand(k.shape[0], -1, 1, -1) for t in null_kv)
+    mask = None if mask is None else F.pad(mask, (1, 0), value=True)
+    return torch.cat((null_k, k), dim=2), torch.cat((null_v, v), dim=2), mask

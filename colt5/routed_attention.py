@@ -21,7 +21,7 @@ from einops import rearrange
 from local_attention import LocalAttention
 from torch import nn
 
-from .masked_sdpa import masked_sdpa
+from .masked_sdpa import masked_sdpa, prepend_null_kv
 from .rotary import RotaryEmbedding, apply_rotary
 from .router import (
     CoordinateDescentRouter,
@@ -138,11 +138,7 @@ class RoutedAttentionBase(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Prepend the learned null key/value (if any) to `(rows, heavy_heads, slots, head_dim)` keys and values,
         and an always-allowed slot to a `(rows, heads, queries, slots)`-broadcastable mask."""
-        if self.heavy_null_kv is None:
-            return k, v, mask
-        null_k, null_v = (t.to(k.dtype)[None, :, None].expand(k.shape[0], -1, 1, -1) for t in self.heavy_null_kv)
-        mask = None if mask is None else F.pad(mask, (1, 0), value=True)
-        return torch.cat((null_k, k), dim=2), torch.cat((null_v, v), dim=2), mask
+        return prepend_null_kv(k, v, mask, self.heavy_null_kv)
 
     def _unrouted(self, routed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
         """The learned heavy output of the tokens not routed (`routed` `(batch, n)` bool), or 0 without one."""

@@ -1,14 +1,16 @@
 """Long-context speed benchmark: CoLT5's routed layers and models against dense attention, in one GPU call.
 
 Layers (bf16 weights and inputs, batch 2, width 512; routed: 4 light heads of 64 in a +-127 window, 8 heavy heads
-of 64, 1/16 of tokens as heavy queries and heavy feedforward, 1/8 as keys/values; causal: memory n/8, blocks of
-min(n/8, 1024) tokens):
+of 64, 1/16 of tokens as heavy queries (encoder) and heavy feedforward, 1/8 as keys/values; causal: every token a
+heavy query, as in CoLT5ForCausalLM, memory n/8, blocks of min(n/8, 1024) tokens):
 - encoder attention    ConditionalRoutedAttention   vs dense SDPA attention (8 heads of 64, q/k/v/o projections)
 - causal attention     CausalRoutedAttention         vs dense causal SDPA attention
 - encoder feedforward  ConditionalRoutedFeedForward  vs the dense gated 4x MLP (the heavy MLP on every token)
 - causal feedforward   CausalRoutedFeedForward       vs the same dense MLP
 - encoder block / causal block: pre-norm block of the two vs a pre-norm dense block
-and the reference package (colt5-attention, `bench` extra) in float32, where it runs: it fails under bf16.
+and the reference package (colt5-attention, `bench` extra) in float32, where it runs: it fails under bf16. The
+causal attention and block also run as "copies": the same layer with the heavy attention on the PyTorch reference
+of memory_attention.py (each block's memory copied, one masked SDPA) instead of the Triton kernels.
 Forward is timed under no_grad, forward+backward with a random output gradient; ms are per call, the median of
 three groups of back-to-back calls (wall clock with the device synchronised). Peak MB: memory allocated by one
 forward+backward above the inputs and weights. floor: the layer's matmul FLOPs at the measured bf16 matmul rate,
@@ -17,8 +19,9 @@ from a CUDA graph (encoder layers and dense baselines; causal layers synchronise
 without host overhead.
 
 Models (autocast bf16, float32 weights, AdamW steps, width 512, 8 layers, byte vocabulary of 384, batch of
-max(1, 65536 / n) sequences): CoLT5ForCausalLM vs LlamaForCausalLM (SDPA) and CoLT5Model vs BertModel (SDPA, a
-dense bidirectional encoder; loss = mean square of the last hidden state), training tokens/s and peak GB.
+max(1, 65536 / n) sequences): CoLT5ForCausalLM (also as "colt5 copies", see above) vs LlamaForCausalLM (SDPA) and
+CoLT5Model vs BertModel (SDPA, a dense bidirectional encoder; loss = mean square of the last hidden state),
+training tokens/s and peak GB.
 
 Usage: python scripts/bench_long_context.py [--lengths 4096 ... 131072] [--model-lengths 8192 32768 65536]
        [--profile 32768] [--json results/x.json] [--plot results/x.png]
@@ -28,6 +31,7 @@ Usage: python scripts/bench_long_context.py [--lengths 4096 ... 131072] [--model
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -42,8 +46,9 @@ import transformers
 from torch import nn
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-from colt5 import CoLT5Config, CoLT5ForCausalLM, CoLT5Model
+from colt5 import CoLT5Config, CoLT5ForCausalLM, CoLT5Model, causal_attention
 from colt5.causal_attention import CausalRoutedAttention
+from colt5.memory_attention import memory_attention_reference
 from colt5.routed_attention import ConditionalRoutedAttention
 from colt5.routed_block import CausalRoutedTransformerBlock, ConditionalRoutedTransformerBlock
 from colt5.routed_feedforward import CausalRoutedFeedForward, ConditionalRoutedFeedForward, GatedMLP
@@ -53,6 +58,7 @@ DIM, HEADS, HEAD_DIM, BATCH = 512, 8, 64, 2
 LIGHT_HEADS, HEAVY_HEADS, WINDOW = 4, 8, 127
 MLP_HIDDEN, LIGHT_MLP_HIDDEN = 4 * DIM, DIM // 2
 Q_FRACTION, KV_FRACTION, FF_FRACTION = 1 / 16, 1 / 8, 1 / 16
+CAUSAL_Q_FRACTION = 1.0  # CoLT5ForCausalLM's default: every token is a heavy query
 MODEL_LAYERS, MODEL_VOCAB, MODEL_TOKENS_PER_STEP = 8, 384, 65536
 
 
@@ -83,20 +89,6 @@ class DenseBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class FirstOutput(nn.Module):
-    """Wraps a causal layer, whose forward also returns a decoding state, to return the output alone."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)[0]
-
-
-# ------------------------------------------------------------------------------------------------ layers
-# colt5's design, as CoLT5Config builds it: the standalone encoder layers default to colt5-attention's settings
-# (norms inside each branch, iterative straight-through routers, a learned unrouted output, no heavy positions).
 ENCODER_DESIGN = dict(branch_norms=False, router_kwargs=dict(n_iters=None, eps=1.0, straight_through=False))
 ENCODER_ATTENTION_DESIGN = dict(
     ENCODER_DESIGN, multiply_keys_by_score=True, learned_unrouted_output=False, rotary_emb=True
@@ -113,10 +105,8 @@ def ours(kind: str, n: int) -> nn.Module:
             DIM, num_heavy_tokens_q=Q_FRACTION, num_heavy_tokens_kv=KV_FRACTION, **encoder_attention
         )
     if kind == "causal attention":
-        return FirstOutput(
-            CausalRoutedAttention(
-                DIM, routed_query_fraction=Q_FRACTION, memory_size=memory, block_size=block, **attention
-            )
+        return CausalRoutedAttention(
+            DIM, routed_query_fraction=CAUSAL_Q_FRACTION, memory_size=memory, block_size=block, **attention
         )
     mlps = dict(light_hidden_dim=LIGHT_MLP_HIDDEN, heavy_hidden_dim=MLP_HIDDEN)
     if kind == "encoder feedforward":
@@ -133,15 +123,13 @@ def ours(kind: str, n: int) -> nn.Module:
             **dict(blocks, light_window_size=2 * WINDOW, **ENCODER_ATTENTION_DESIGN),
         )
     if kind == "causal block":
-        return FirstOutput(
-            CausalRoutedTransformerBlock(
-                DIM,
-                routed_query_fraction=Q_FRACTION,
-                routed_ff_fraction=FF_FRACTION,
-                memory_size=memory,
-                block_size=block,
-                **blocks,
-            )
+        return CausalRoutedTransformerBlock(
+            DIM,
+            routed_query_fraction=CAUSAL_Q_FRACTION,
+            routed_ff_fraction=FF_FRACTION,
+            memory_size=memory,
+            block_size=block,
+            **blocks,
         )
     raise ValueError(kind)
 
@@ -189,7 +177,7 @@ def matmul_flops(kind: str, n: int) -> float:
     attention_flops = mlp_flops = 0.0
     if not kind.endswith("feedforward"):
         memory, block = causal_memory_and_block(n)
-        q, kv = n * Q_FRACTION, (memory + block / 2 if causal else n * KV_FRACTION)
+        q, kv = (n * CAUSAL_Q_FRACTION, memory + block / 2) if causal else (n * Q_FRACTION, n * KV_FRACTION)
         light, heavy = LIGHT_HEADS * HEAD_DIM, HEAVY_HEADS * HEAD_DIM
         window = (WINDOW + 1) if causal else (2 * WINDOW + 1)
         attention_flops = 2 * n * DIM * 4 * light + 4 * n * window * light  # light projections and attention
@@ -198,6 +186,21 @@ def matmul_flops(kind: str, n: int) -> float:
     if not kind.endswith("attention"):
         mlp_flops = 6 * n * DIM * (LIGHT_MLP_HIDDEN + FF_FRACTION * MLP_HIDDEN)
     return attention_flops + mlp_flops
+
+
+@contextlib.contextmanager
+def heavy_attention_by_copies():
+    """Inside: the causal heavy attention runs the PyTorch reference (per-block copies) instead of the kernels."""
+
+    def reference_path(*args, every_query: bool, **kwargs):
+        return memory_attention_reference(*args, **kwargs)
+
+    kernels = causal_attention.memory_attention
+    causal_attention.memory_attention = reference_path
+    try:
+        yield
+    finally:
+        causal_attention.memory_attention = kernels
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -500,6 +503,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", default=[4096, 8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--model-lengths", type=int, nargs="*", default=[8192, 32768, 65536])
     parser.add_argument("--kinds", nargs="+", default=None, help="layer kinds to run (default all)")
+    parser.add_argument("--tasks", nargs="+", default=["causal", "encoder"], help="model pairs to run")
     parser.add_argument("--no-reference", action="store_true", help="skip the colt5-attention package")
     parser.add_argument("--profile", type=int, default=None, help="profile our layers at this length")
     parser.add_argument("--json", default=None)
@@ -553,6 +557,10 @@ def main() -> None:
             # Causal layers synchronise with the host (data-dependent shapes): no CUDA-graph replay for them.
             graph = not kind.startswith("causal")
             rows = {"ours": measure_layer(ours(kind, n), n, dtype, device, graph)}
+            if kind in ("causal attention", "causal block"):
+                torch.manual_seed(n)
+                with heavy_attention_by_copies():
+                    rows["copies"] = measure_layer(ours(kind, n), n, dtype, device, graph)
             rows["dense"] = measure_layer(dense(kind), n, dtype, device, graph)
             if not args.no_reference and (module := reference(kind, n)) is not None:
                 rows["reference"] = measure_layer(module, n, torch.float32, device)
@@ -580,24 +588,29 @@ def main() -> None:
 
     print("\nmodels: training step (forward, backward, AdamW), autocast bf16; x = baseline time / ours")
     print(
-        f"{'task':8s} {'n':>7s} {'model':6s} {'batch':>5s} {'params M':>8s} {'tokens/s':>10s} {'peak GB':>8s} {'x':>6s}"
+        f"{'task':8s} {'n':>7s} {'model':12s} {'batch':>5s} {'params M':>8s} {'tokens/s':>10s} {'peak GB':>8s} "
+        f"{'x':>6s}"
     )
-    for task in ("causal", "encoder"):
+    for task in args.tasks:
         for n in args.model_lengths:
             torch.manual_seed(0)
             pair = model_pair(task, n, args.smoke)
             results = {name: measure_model(model, task, n, device) for name, model in pair.items()}
+            if task == "causal":
+                torch.manual_seed(0)
+                with heavy_attention_by_copies():
+                    results["colt5 copies"] = measure_model(model_pair(task, n, args.smoke)["colt5"], task, n, device)
             for name, row in results.items():
                 row.update(task=task, n=n, model=name)
                 models.append(row)
                 save()
                 if "error" in row:
-                    print(f"{task:8s} {n:7d} {name:6s} {row['error']}", flush=True)
+                    print(f"{task:8s} {n:7d} {name:12s} {row['error']}", flush=True)
                     continue
                 ours_speed = results["colt5"].get("tokens_per_s", float("nan"))
                 ratio = ours_speed / row["tokens_per_s"] if name != "colt5" else float("nan")
                 print(
-                    f"{task:8s} {n:7d} {name:6s} {row['batch']:5d} {row['params_m']:8.1f} {row['tokens_per_s']:10.0f} "
+                    f"{task:8s} {n:7d} {name:12s} {row['batch']:5d} {row['params_m']:8.1f} {row['tokens_per_s']:10.0f} "
                     f"{row['peak_gb']:8.2f} {ratio:6.2f}",
                     flush=True,
                 )
