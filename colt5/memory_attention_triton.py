@@ -359,6 +359,8 @@ def memory_attention_triton(
     """The kernels behind `memory_attention` (same arguments; see memory_attention.py). `every_query`: query g of
     each row sits at block slot g (lets the kernels skip the tiles that causality masks)."""
     int32 = dict(dtype=torch.int32)
+    # One dtype for the matmuls (keys and values follow the queries; the cast is a no-op under autocast).
+    keys, values = keys.to(q.dtype), values.to(q.dtype)
     return _MemoryAttention.apply(
         q.contiguous(), keys.contiguous(), values.contiguous(), memory_index.to(**int32).contiguous(),
         memory_weights.contiguous(), block_index.to(**int32).contiguous(), query_slot.to(**int32).contiguous(),

@@ -370,8 +370,8 @@ def model_pair(task: str, n: int, smoke: bool) -> dict[str, nn.Module]:
     }
 
 
-def measure_model(model: nn.Module, task: str, n: int, device: torch.device) -> dict:
-    batch = max(1, MODEL_TOKENS_PER_STEP // n)
+def measure_model(model: nn.Module, task: str, n: int, device: torch.device, tokens_per_step: int) -> dict:
+    batch = max(1, tokens_per_step // n)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(3, MODEL_VOCAB, (batch, n), device=device)
@@ -519,7 +519,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.smoke:
-        args.lengths, args.model_lengths = [256, 512], [256]
+        args.lengths, args.model_lengths = [256], [256]
     kinds = args.kinds or [
         "encoder attention",
         "causal attention",
@@ -595,11 +595,13 @@ def main() -> None:
         for n in args.model_lengths:
             torch.manual_seed(0)
             pair = model_pair(task, n, args.smoke)
-            results = {name: measure_model(model, task, n, device) for name, model in pair.items()}
+            tokens_per_step = 2 * n if args.smoke else MODEL_TOKENS_PER_STEP
+            measure = dict(task=task, n=n, device=device, tokens_per_step=tokens_per_step)
+            results = {name: measure_model(model, **measure) for name, model in pair.items()}
             if task == "causal":
                 torch.manual_seed(0)
                 with heavy_attention_by_copies():
-                    results["colt5 copies"] = measure_model(model_pair(task, n, args.smoke)["colt5"], task, n, device)
+                    results["colt5 copies"] = measure_model(model_pair(task, n, args.smoke)["colt5"], **measure)
             for name, row in results.items():
                 row.update(task=task, n=n, model=name)
                 models.append(row)

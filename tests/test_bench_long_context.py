@@ -1,0 +1,28 @@
+"""The long-context benchmark (scripts/bench_long_context.py): a smoke run of its causal layers and model pair on
+the CPU, so that an API change of the layers cannot break the benchmark unnoticed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_run_measures_every_causal_row(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable, "scripts/bench_long_context.py", "--smoke", "--no-reference", "--kinds", "causal attention",
+        "causal block", "--tasks", "causal", "--json", str(out),
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    recorded = json.loads(out.read_text())
+    layers = {(row["kind"], row["n"], row["impl"]): row for row in recorded["layers"]}
+    for kind in ("causal attention", "causal block"):
+        for impl in ("ours", "copies", "dense"):
+            row = layers[(kind, 256, impl)]
+            assert "error" not in row and row["fwd_bwd_ms"] > 0, row
+    models = {row["model"]: row for row in recorded["models"]}
+    assert models.keys() == {"colt5", "colt5 copies", "llama"}
+    assert all("error" not in row and row["tokens_per_s"] > 0 for row in models.values())
