@@ -39,29 +39,39 @@ class GateOutput(NamedTuple):
 
 
 def gate_statistics(
-    scores: torch.Tensor, fraction: float, *, fetch_ratio: float = 9 / 8, eps: float = 1.0
-) -> tuple[float | torch.Tensor, float | torch.Tensor]:
-    """Threshold and soft top-k shift of a pool of scores.
+    scores: torch.Tensor,
+    fraction: float,
+    *,
+    valid: torch.Tensor | None = None,
+    fetch_ratio: float = 9 / 8,
+    eps: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Threshold and soft top-k shift of a pool of scores, computed on the device without host synchronisation
+    (the number of valid scores stays a device tensor; every shape depends on N only).
 
     Args:
-        scores: `(N,)` scores of valid tokens, N >= 1.
-        fraction: the share of tokens to route.
-        fetch_ratio, eps: soft top-k settings (it normalises over `fetch_ratio * fraction * N` tokens).
+        scores: `(N,)` scores, N >= 1.
+        fraction: the share of valid tokens to route.
+        valid: `(N,)` bool, the scores that belong to the pool (default all); at least one for the result to mean
+            anything (callers ignore the result of an empty pool).
+        fetch_ratio, eps: soft top-k settings (it normalises over `fetch_ratio * fraction * count` tokens).
 
     Returns:
-        `(threshold, shift)`: the score of the `ceil(fraction * N)`-th best token, and `a` with
-        `sum_j min(1, exp((s_j + a) / eps)) = fetch_ratio * fraction * N` (when that is below N; else a shift that
-        saturates every token).
+        `(threshold, shift)` as 0-dim tensors: the score of the `ceil(fraction * count)`-th best valid token, and
+        `a` with `sum_j min(1, exp((s_j + a) / eps)) = fetch_ratio * fraction * count` over the valid scores (when
+        that is below count; else a shift that saturates every valid token).
     """
-    count = scores.numel()
-    threshold = scores.topk(routed_amount(fraction, count)).values[-1]
-    soft_amount = fetch_ratio * fraction * count
-    if soft_amount >= count:
-        return threshold, -scores.min()
+    size = scores.numel()
+    valid = torch.ones_like(scores, dtype=torch.bool) if valid is None else valid.bool()
+    count = valid.sum()
+    # At most routed_amount(fraction, N) scores are ranked (count <= N), so the ranking has a fixed size.
+    best = scores.masked_fill(~valid, -math.inf).topk(routed_amount(fraction, size)).values
+    threshold = best.gather(0, (routed_amount(fraction, count) - 1).clamp_min(0).view(1))[0]
+    soft_amount = fetch_ratio * fraction * count.to(scores.dtype)
     z = (scores / eps).unsqueeze(0)
-    k = torch.full((1,), soft_amount, dtype=z.dtype, device=z.device)
-    shift = eps * exact_shift(z, k, torch.ones_like(z, dtype=torch.bool))[0]
-    return threshold, shift
+    shift = eps * exact_shift(z, soft_amount.view(1), valid.unsqueeze(0), max_amount=fetch_ratio * fraction * size)[0]
+    saturating = -scores.masked_fill(~valid, math.inf).min()
+    return threshold, torch.where(soft_amount >= count, saturating, shift)
 
 
 class ThresholdRouter(TokenScorer):
@@ -141,7 +151,9 @@ class ThresholdRouter(TokenScorer):
     @torch.no_grad()
     def _count_routed(self, routed: torch.Tensor, mask: torch.Tensor | None) -> None:
         routed_count = routed.sum()
-        valid_count = routed.new_tensor(routed.numel(), dtype=torch.long) if mask is None else mask.bool().sum()
+        # torch.full fills on the device; a tensor made from a Python number would be copied from the host (a sync).
+        everything = torch.full((), routed.numel(), dtype=torch.long, device=routed.device)
+        valid_count = everything if mask is None else mask.bool().sum()
         if self._routed_count is None:
             self._routed_count, self._valid_count = routed_count, valid_count
         else:
@@ -167,11 +179,14 @@ class ThresholdRouter(TokenScorer):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     @torch.no_grad()
-    def _batch_statistics(self, scores: torch.Tensor, mask: torch.Tensor | None) -> tuple | None:
-        pool = scores.flatten() if mask is None else scores[mask.bool()]
-        if pool.numel() == 0:
-            return None
-        return gate_statistics(pool, self.fraction, fetch_ratio=self.fetch_ratio, eps=self.eps)
+    def _batch_statistics(self, scores: torch.Tensor, mask: torch.Tensor | None) -> tuple:
+        """This batch's (threshold, shift, whether it had a valid token), all on the device."""
+        valid = None if mask is None else mask.bool().flatten()
+        statistics = gate_statistics(
+            scores.flatten(), self.fraction, valid=valid, fetch_ratio=self.fetch_ratio, eps=self.eps
+        )
+        had_tokens = torch.ones((), dtype=torch.bool, device=scores.device) if valid is None else valid.any()
+        return (*statistics, had_tokens)
 
     def discard_pending_statistics(self) -> None:
         """Forget the statistics of the last training call (one whose scores must not move the running ones)."""
@@ -181,9 +196,10 @@ class ThresholdRouter(TokenScorer):
     def _apply_pending_statistics(self) -> None:
         pending, self._pending_statistics = self._pending_statistics, None
         if pending is not None:
-            threshold, shift = pending
-            self.threshold.lerp_(torch.as_tensor(threshold).to(self.threshold), self.momentum)
-            self.shift.lerp_(torch.as_tensor(shift).to(self.shift), self.momentum)
+            threshold, shift, had_tokens = pending
+            # A batch of padding only leaves the statistics as they were (a device-side choice: no synchronisation).
+            for running, new in ((self.threshold, threshold), (self.shift, shift)):
+                running.copy_(torch.where(had_tokens, running.lerp(new.to(running), self.momentum), running))
 
 
 def route_block_memory(

@@ -45,13 +45,17 @@ def _saturated_rows(k: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return k >= valid.sum(-1)
 
 
-def exact_shift(z: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def exact_shift(
+    z: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, max_amount: float | None = None
+) -> torch.Tensor:
     """Fixed-point shift `alpha` (in units of eps) with `sum_j exp(min(z_j + alpha, 0)) = k`.
 
     Args:
         z: `(rows, n)` scores divided by eps, any value where `valid` is False.
         k: `(rows,)` amounts, `0 < k < number of valid tokens` for the rows that matter.
         valid: `(rows, n)` bool.
+        max_amount: a bound on `k` known to the caller; without it `k.max()` is read from the device (a host
+            synchronisation on GPUs).
 
     Returns:
         `(rows,)` alpha. Rows with `k >= valid count` get an arbitrary finite value (callers treat them apart).
@@ -59,7 +63,7 @@ def exact_shift(z: torch.Tensor, k: torch.Tensor, valid: torch.Tensor) -> torch.
     rows, n = z.shape
     z = z.masked_fill(~valid, -math.inf)
     # m saturated entries (lambda = 1) are possible only for m < k, so the top ceil(k) scores are all we sort.
-    num_candidates = max(1, min(n, math.ceil(k.max().item())))
+    num_candidates = max(1, min(n, math.ceil(k.max().item() if max_amount is None else max_amount)))
     top_z, top_idx = z.topk(num_candidates, dim=-1)
     in_top = torch.zeros_like(valid).scatter_(-1, top_idx, True)
     rest = torch.logsumexp(z.masked_fill(in_top, -math.inf), dim=-1, keepdim=True)

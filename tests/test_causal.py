@@ -7,6 +7,7 @@ running statistics on every forward pass, which would change later calls). Toler
 """
 
 import copy
+import math
 import textwrap
 import warnings
 
@@ -29,6 +30,7 @@ from colt5 import (
     route,
 )
 from colt5.cache_colt5 import CACHE_NAME
+from colt5.causal_router import gate_statistics
 
 VOCAB = 384  # ByT5's vocabulary size: 3 special tokens, 256 bytes, 125 extra ids
 DIM = 64  # hidden_size of the conftest TINY_CONFIG
@@ -688,6 +690,37 @@ def test_routers_route_the_target_fraction_right_after_training(causal_config):
     train_briefly(model, steps=40, lr=1e-2)
     fractions = eval_fractions(model, random_ids(32, 128))
     assert all(abs(f - TARGET) <= 0.25 * TARGET for f in fractions.values()), fractions
+
+
+@pytest.mark.parametrize("fraction", [0.125, 0.5, 0.95])  # 0.95: 9/8 of it covers every valid token
+def test_gate_statistics_of_a_masked_pool_are_those_of_its_valid_scores(fraction):
+    """The device-side statistics (fixed shapes, no host synchronisation) against their definition on the valid
+    scores alone: the ceil(fraction * count)-th best score, and the shift whose soft top-k weights sum to
+    9/8 * fraction * count (or saturate every valid token), float64, within 1e-9."""
+    scores = torch.randn(500, dtype=torch.float64) * 2
+    valid = torch.rand(500) < 0.6
+    threshold, shift = gate_statistics(scores, fraction, valid=valid, eps=0.7)
+    pool = scores[valid]
+    count = pool.numel()
+    assert threshold == pool.sort(descending=True).values[math.ceil(fraction * count) - 1]
+    weights = torch.exp(((pool + shift) / 0.7).clamp_max(0.0))
+    expected = min(9 / 8 * fraction * count, count)
+    assert abs(weights.sum().item() - expected) < 1e-9 * count
+    # Scores outside the pool change nothing.
+    moved = gate_statistics(scores.masked_fill(~valid, 100.0), fraction, valid=valid, eps=0.7)
+    assert moved[0] == threshold and abs(moved[1] - shift) < 1e-12
+
+
+def test_a_batch_of_padding_only_leaves_the_router_statistics_as_they_were():
+    router = ThresholdRouter(DIM, TARGET).train()
+    x = torch.randn(2, 10, DIM)
+    router(x, torch.zeros(2, 10, dtype=torch.bool))
+    before = router.threshold.clone(), router.shift.clone()
+    router(x, torch.zeros(2, 10, dtype=torch.bool))  # folds in the first call's (empty) statistics
+    assert torch.equal(router.threshold, before[0]) and torch.equal(router.shift, before[1])
+    router(x)  # a real batch moves them at the next call
+    router(x)
+    assert not torch.equal(router.threshold, before[0]) and torch.isfinite(router.threshold)
 
 
 # ===================================================================================================== save / load

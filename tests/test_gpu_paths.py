@@ -15,9 +15,11 @@ from colt5 import (
     ConditionalRoutedAttention,
     ConditionalRoutedCrossAttention,
     ConditionalRoutedImageAttention,
+    ThresholdRouter,
     causal_attention,
     routed_attention,
 )
+from colt5.memory_attention import memory_attention_reference
 from conftest import colt5_design
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention and its backward need a GPU")
@@ -74,8 +76,10 @@ def test_flex_paths_match_the_fallback_paths_with_gradients(kind, n, padding, mo
 
 @gpu
 @pytest.mark.parametrize("n", [700, 3000])
-def test_causal_heavy_attention_on_cudnn_matches_the_memory_efficient_kernel(n, monkeypatch):
-    """bf16 (cuDNN takes no float32): relative L2 error of the output and of every gradient below 2e-2."""
+def test_causal_heavy_attention_kernels_match_the_reference_on_cudnn(n, monkeypatch):
+    """The memory-attention kernels against the PyTorch reference (per-block copies, one masked SDPA on cuDNN) in
+    the whole layer, bf16 (cuDNN takes no float32): relative L2 error of the output and of every gradient below
+    2e-2."""
     torch.manual_seed(n)
     layer = make_layer("causal attention").cuda().bfloat16().eval()
     x = torch.randn(2, n, 64, device="cuda", dtype=torch.bfloat16)
@@ -84,18 +88,42 @@ def test_causal_heavy_attention_on_cudnn_matches_the_memory_efficient_kernel(n, 
     def run():
         layer.zero_grad(set_to_none=True)
         inputs = x.clone().requires_grad_()
-        out = layer(inputs)[0]
+        out = layer(inputs)
         (out * upstream).sum().backward()
         return [out.detach(), inputs.grad] + [p.grad for p in layer.parameters() if p.grad is not None]
 
-    with_cudnn = run()
-    original = causal_attention.masked_sdpa
-    monkeypatch.setattr(causal_attention, "masked_sdpa", lambda *args, **kwargs: original(*args[:5]))
-    without = run()
-    assert len(with_cudnn) == len(without)
-    for got, expected in zip(with_cudnn, without):
+    with_kernels = run()
+    def reference_path(*args, every_query, **kwargs):
+        return memory_attention_reference(*args, **kwargs)
+
+    monkeypatch.setattr(causal_attention, "memory_attention", reference_path)
+    on_reference = run()
+    assert len(with_kernels) == len(on_reference)
+    for got, expected in zip(with_kernels, on_reference):
         error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
         assert error < 2e-2, error
+
+
+@gpu
+def test_threshold_router_training_statistics_do_not_synchronise():
+    """A ThresholdRouter's training calls (decisions, batch statistics, folding them into the running ones, the
+    routed count) pass torch.cuda.set_sync_debug_mode("error"), with a padding mask and without."""
+    router = ThresholdRouter(64, 0.25).cuda().train()
+    x = torch.randn(2, 300, 64, device="cuda")
+    mask = torch.ones(2, 300, dtype=torch.bool, device="cuda")
+    mask[1, :50] = False
+    router(x, mask)
+    before = router.threshold.clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            router(x, mask)
+            router(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not torch.equal(router.threshold, before)
+    assert abs(router.take_routed_fraction() - 0.25) < 0.1
 
 
 @gpu
