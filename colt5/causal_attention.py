@@ -67,6 +67,10 @@ class CausalRoutedAttention(TwoBranchAttention):
             the query router uses fetch_ratio, eps and straight_through. `random_routing` (both routers score at
             random, an ablation control; see `TokenScorer`).
         router_momentum: moving-average weight of the query router's statistics.
+        router_capacity_factor, router_capacity_burst: in training, each block has `ceil(router_capacity_factor *
+            routed_query_fraction * block_size) + router_capacity_burst` heavy query slots (at most block_size;
+            static shapes, no host synchronisation); routed tokens beyond them are dropped (see
+            `ThresholdRouter`). Factor None: as many slots as routed tokens (a host synchronisation).
         rotary_emb, light_rotary_emb: rotary positions in the heavy and the light branch.
         layer_idx: the layer's index in a `CoLT5Cache` (its `CoLT5CacheLayer` holds this layer's decode state).
         branch_norms, null_kv, use_flash_attn: see `TwoBranchAttention` and `RoutedAttentionBase`
@@ -93,6 +97,8 @@ class CausalRoutedAttention(TwoBranchAttention):
         dropout: float = 0.0,
         router_kwargs: dict[str, Any] | None = None,
         router_momentum: float = 0.05,
+        router_capacity_factor: float | None = 1.5,
+        router_capacity_burst: int = 64,
         rotary_emb: bool = True,
         light_rotary_emb: bool = True,
         layer_idx: int = 0,
@@ -149,6 +155,8 @@ class CausalRoutedAttention(TwoBranchAttention):
             eps=self.memory_route_kwargs["eps"],
             straight_through=self.memory_route_kwargs["straight_through"],
             momentum=router_momentum,
+            capacity_factor=router_capacity_factor,
+            capacity_burst=router_capacity_burst,
             **scoring,
         )
         self.kv_router = TokenScorer(dim, num_routed_kv, batch_invariant=True, **scoring)
@@ -256,15 +264,28 @@ class CausalRoutedAttention(TwoBranchAttention):
 
         gate = self._gate(x, valid)
         routed_in_block = gate.routed.gather(1, order.flatten(1)).view_as(order) & in_block
+        capacity = None if self.q_router is None else self.q_router.capacity(block)
         if self.q_router is None:
             # Every slot of a block is a query, in order (a block's valid tokens come first): no count, no sort.
             num_queries = block
             query_slot = torch.arange(block, device=x.device).expand_as(order)
         else:
-            # Query slots per block: a power of two >= 64 (within the block), so that the attention below meets few
-            # shapes (cuDNN builds a graph per shape); the extra slots are empty. The routed tokens come first.
-            most = int(routed_in_block.sum(-1).max())
-            num_queries = min(block, max(64, 1 << (most - 1).bit_length())) if most else 0
+            if capacity is not None:
+                # Training: a fixed number of query slots per block (static shapes, no host synchronisation).
+                routed_in_block = self.q_router.keep_within_capacity(routed_in_block, in_block)
+                num_queries = capacity
+                # Back in positions (the slots past the end point at position 0 and add nothing), a token dropped
+                # for capacity is an unrouted one.
+                kept = valid.new_zeros(batch, length, dtype=torch.long).scatter_add(
+                    1, order.flatten(1), routed_in_block.flatten(1).long()
+                ).bool()
+                gate = GateOutput(kept, gate.weights * kept)
+            else:
+                # Query slots per block: a power of two >= 64 (within the block), so that the attention below meets
+                # few shapes (cuDNN builds a graph per shape); the extra slots are empty.
+                most = int(routed_in_block.sum(-1).max())
+                num_queries = min(block, max(64, 1 << (most - 1).bit_length())) if most else 0
+            # The routed tokens come first.
             query_slot = (~routed_in_block).to(torch.int8).sort(dim=-1, stable=True).indices[..., :num_queries]
         heavy = x.new_zeros(batch, length, dim)
         if num_queries > 0:

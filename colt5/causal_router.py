@@ -5,6 +5,8 @@
   reaches a running threshold, and weighted by the soft top-k formula `min(1, exp((s + a) / eps))` at a running
   shift `a`. Both statistics are buffers, estimated in training as moving averages of what the soft top-k of the
   whole batch gives, so the routed fraction tracks the target while no decision looks at another token.
+  In training the heavy branch has a fixed capacity (`within_capacity`), so that its shapes are static and a
+  training step needs no host synchronisation.
 - `route_block_memory` (heavy keys/values): for each block of `block_size` tokens, the `memory_size` tokens with
   the highest scores among the tokens before the block, weighted by the soft top-k over that prefix. With a fixed
   memory size the memory of block j + 1 is the top of (memory of block j + block j), which is what lets the cache
@@ -74,6 +76,36 @@ def gate_statistics(
     return threshold, torch.where(soft_amount >= count, saturating, shift)
 
 
+def within_capacity(routed: torch.Tensor, valid: torch.Tensor, rate: float, burst: int = 0) -> torch.Tensor:
+    """The routed tokens a token bucket lets through, along the last dimension: the token at valid index i is kept
+    when it is routed and fewer than `ceil(rate * (i + 1)) + burst` tokens before it were kept.
+
+    So at most `ceil(rate * valid count) + burst` tokens are kept (a static bound for the heavy branch's shapes),
+    whether a token is kept depends on the tokens before it only (causal), budget left unused carries over, and a
+    run of routed tokens denser than the rate keeps up to `burst` more before it loses any (routing is bursty: on
+    code, a trained router's decisions cluster in runs of tokens).
+
+    Computed without a loop: with R_t the routed tokens up to t and B_t the (never decreasing) budget, the kept
+    count K_t = min(K_{t-1} + routed_t, B_t) has the closed form K_t = R_t + min(0, min_{s <= t} (B_s - R_s)).
+
+    Args:
+        routed: `(..., n)` bool, the router's decisions.
+        valid: `(..., n)` bool, False for padding (never kept, counts for no budget).
+        rate: budget per valid token (capacity factor times the target fraction).
+        burst: budget given at the start.
+
+    Returns:
+        `(..., n)` bool, the kept tokens (a subset of `routed & valid`).
+    """
+    routed = routed & valid
+    routed_count = routed.long().cumsum(-1)
+    # float64, as math.ceil in `ThresholdRouter.capacity`, so the bound holds exactly.
+    budget = torch.ceil(rate * valid.to(torch.float64).cumsum(-1)).long() + burst
+    kept_count = routed_count + (budget - routed_count).cummin(-1).values.clamp_max(0)
+    before = torch.nn.functional.pad(kept_count, (1, 0))[..., :-1]
+    return routed & (kept_count > before)
+
+
 class ThresholdRouter(TokenScorer):
     """Per-token causal router for `fraction` of the tokens (see the module docstring).
 
@@ -83,6 +115,10 @@ class ThresholdRouter(TokenScorer):
         fetch_ratio, eps: soft top-k settings used for the weights.
         straight_through: weights are 1 in the forward pass and carry the gradient of the soft weight backward.
         momentum: weight of each training batch in the moving averages of threshold and shift.
+        capacity_factor, capacity_burst: in training, the heavy branch takes at most `ceil(capacity_factor *
+            fraction * n) + capacity_burst` tokens of a row of n (see `within_capacity`): static shapes, no host
+            synchronisation. capacity_factor None: no limit (the layer then selects the routed tokens with a host
+            synchronisation). Evaluation and generation keep every routed token.
         random_routing: route by random scores, an ablation control (see `TokenScorer`).
         cosine_sim_scale: score by cosine similarity times this scale (see `TokenScorer`).
     """
@@ -96,6 +132,8 @@ class ThresholdRouter(TokenScorer):
         eps: float = 1.0,
         straight_through: bool = False,
         momentum: float = 0.05,
+        capacity_factor: float | None = 1.5,
+        capacity_burst: int = 64,
         random_routing: bool = False,
         cosine_sim_scale: float | None = None,
     ):
@@ -106,17 +144,21 @@ class ThresholdRouter(TokenScorer):
             )
         if not 0 < momentum <= 1:
             raise ValueError(f"momentum must be in (0, 1], got {momentum}.")
+        validate_capacity("capacity_factor", capacity_factor, "capacity_burst", capacity_burst)
         self.fraction, self.fetch_ratio, self.eps = fraction, fetch_ratio, eps
+        self.capacity_factor, self.capacity_burst = capacity_factor, capacity_burst
         self.straight_through, self.momentum = straight_through, momentum
         threshold, shift = self.reference_statistics()
         self.threshold = nn.Buffer(torch.tensor(threshold))
         self.shift = nn.Buffer(torch.tensor(shift))
-        # This batch's (threshold, shift), folded into the buffers at the next call; see forward.
-        self._pending_statistics: tuple | None = None
-        # Tokens routed and valid tokens seen by training calls since `take_routed_fraction`, kept on the device so
-        # that counting them costs no host synchronisation.
-        self._routed_count: torch.Tensor | None = None
-        self._valid_count: torch.Tensor | None = None
+        # Training state, made at the first training call on its device and then only updated in place, so that a
+        # training step captured in a CUDA graph replays it (and reading it costs no host synchronisation):
+        # the last batch's (threshold, shift, whether it had a valid token), folded into the buffers at the next
+        # call (see forward), and the tokens routed, dropped for capacity and valid since `take_fractions`.
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._counts: torch.Tensor | None = None
+        # Whether a training call stored statistics since the last fold: lets evaluation calls skip the fold.
+        self._folding_due = False
 
     def reference_statistics(self) -> tuple[float, float]:
         """Threshold and shift for standard normal scores: the values before any training."""
@@ -133,7 +175,7 @@ class ThresholdRouter(TokenScorer):
         `eval()` and `state_dict()`), not at once: activation checkpointing runs this forward again during the backward pass, and
         that recomputation must route exactly as the first pass did. A call made inside a backward pass is such a
         recomputation and changes nothing."""
-        recomputing = torch._C._current_graph_task_id() != -1  # the test FSDP uses for "inside a backward pass"
+        recomputing = _recomputing()
         if not recomputing:
             self._apply_pending_statistics()
         scores = self.scores(x)[:, 0]
@@ -144,29 +186,48 @@ class ThresholdRouter(TokenScorer):
         if self.straight_through:
             weights = weights - weights.detach() + 1.0
         if self.training and not recomputing:
-            self._pending_statistics = self._batch_statistics(scores.detach(), mask)
-            self._count_routed(routed, mask)
+            self._store_batch_statistics(scores.detach(), mask)
+            with torch.no_grad():
+                counts = self._counter(routed.device)
+                counts[0].add_(routed.sum())
+                # torch.full fills on the device; a tensor made from a Python number would be copied from the host
+                # (a synchronisation).
+                everything = torch.full((), routed.numel(), dtype=torch.long, device=routed.device)
+                counts[2].add_(everything if mask is None else mask.bool().sum())
         return GateOutput(routed, weights * routed)
 
-    @torch.no_grad()
-    def _count_routed(self, routed: torch.Tensor, mask: torch.Tensor | None) -> None:
-        routed_count = routed.sum()
-        # torch.full fills on the device; a tensor made from a Python number would be copied from the host (a sync).
-        everything = torch.full((), routed.numel(), dtype=torch.long, device=routed.device)
-        valid_count = everything if mask is None else mask.bool().sum()
-        if self._routed_count is None:
-            self._routed_count, self._valid_count = routed_count, valid_count
-        else:
-            self._routed_count, self._valid_count = self._routed_count + routed_count, self._valid_count + valid_count
-
-    def take_routed_fraction(self) -> float | None:
-        """The share of valid tokens routed by training calls since the last call of this method (None if there
-        were none), and start counting anew. Reads the count from the device: call it at logging steps."""
-        if self._routed_count is None:
+    def capacity(self, length: int) -> int | None:
+        """The heavy branch's slots for a row of `length` tokens: `ceil(capacity_factor * fraction * length) +
+        capacity_burst` (at most `length`) in training, None (every routed token) in evaluation or without a
+        capacity factor."""
+        if not self.training or self.capacity_factor is None:
             return None
-        fraction = float(self._routed_count) / max(1, int(self._valid_count))
-        self._routed_count = self._valid_count = None
-        return fraction
+        return min(length, math.ceil(self.capacity_factor * self.fraction * length) + self.capacity_burst)
+
+    def keep_within_capacity(self, routed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """`within_capacity` of this router's `(..., n)` decisions along rows of n valid-ordered tokens (the layer
+        chooses the rows: a sample, or a block), counting the dropped tokens. Use it when `capacity` is not None."""
+        kept = within_capacity(routed, valid, self.capacity_factor * self.fraction, self.capacity_burst)
+        if not _recomputing():
+            with torch.no_grad():
+                self._counter(routed.device)[1].add_((routed & valid & ~kept).sum())
+        return kept
+
+    def _counter(self, device: torch.device) -> torch.Tensor:
+        """The `(3,)` counts (routed, dropped, valid) on `device`."""
+        if self._counts is None or self._counts.device != device:
+            self._counts = torch.zeros(3, dtype=torch.long, device=device)
+        return self._counts
+
+    def take_fractions(self) -> tuple[float, float] | None:
+        """The shares of valid tokens that training calls since the last call of this method routed, and dropped
+        for capacity (`keep_within_capacity`); None if they saw no valid token. Starts counting anew. Reads the
+        counts from the device: call it at logging steps."""
+        if self._counts is None:
+            return None
+        routed, dropped, valid = self._counts.tolist()
+        self._counts.zero_()
+        return None if valid == 0 else (routed / valid, dropped / valid)
 
     def train(self, mode: bool = True) -> "ThresholdRouter":
         self._apply_pending_statistics()
@@ -179,27 +240,56 @@ class ThresholdRouter(TokenScorer):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     @torch.no_grad()
-    def _batch_statistics(self, scores: torch.Tensor, mask: torch.Tensor | None) -> tuple:
-        """This batch's (threshold, shift, whether it had a valid token), all on the device."""
+    def _store_batch_statistics(self, scores: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Keep this batch's (threshold, shift, whether it had a valid token) on the device, in place."""
         valid = None if mask is None else mask.bool().flatten()
         statistics = gate_statistics(
             scores.flatten(), self.fraction, valid=valid, fetch_ratio=self.fetch_ratio, eps=self.eps
         )
         had_tokens = torch.ones((), dtype=torch.bool, device=scores.device) if valid is None else valid.any()
-        return (*statistics, had_tokens)
+        if self._pending is None or self._pending[0].device != self.threshold.device:
+            self._pending = (torch.empty_like(self.threshold), torch.empty_like(self.shift), had_tokens.clone())
+        for kept, new in zip(self._pending, (*statistics, had_tokens)):
+            kept.copy_(new)
+        self._folding_due = True
 
     def discard_pending_statistics(self) -> None:
         """Forget the statistics of the last training call (one whose scores must not move the running ones)."""
-        self._pending_statistics = None
+        if self._pending is not None:
+            self._pending[2].fill_(False)
 
     @torch.no_grad()
     def _apply_pending_statistics(self) -> None:
-        pending, self._pending_statistics = self._pending_statistics, None
-        if pending is not None:
-            threshold, shift, had_tokens = pending
-            # A batch of padding only leaves the statistics as they were (a device-side choice: no synchronisation).
-            for running, new in ((self.threshold, threshold), (self.shift, shift)):
-                running.copy_(torch.where(had_tokens, running.lerp(new.to(running), self.momentum), running))
+        # In training always (a replayed CUDA graph stores statistics without this Python code running; the device
+        # flag says whether any are pending); in evaluation only after an eager training call, so that decoding
+        # steps skip it.
+        if self._pending is None or not (self.training or self._folding_due):
+            return
+        self._folding_due = False
+        threshold, shift, pending = self._pending
+        # A batch of padding only (or none since the last fold) leaves the statistics as they were: a device-side
+        # choice, no synchronisation.
+        for running, new in ((self.threshold, threshold), (self.shift, shift)):
+            running.copy_(torch.where(pending, running.lerp(new, self.momentum), running))
+        pending.fill_(False)
+
+
+def validate_capacity(factor_name: str, factor: float | None, burst_name: str, burst: int) -> None:
+    """A capacity factor is None (no limit) or a number >= 1 (below 1 the heavy branch could never take the
+    target fraction); a burst is an int >= 0."""
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1):
+        raise ValueError(
+            f"{factor_name} must be None (no capacity limit) or a number >= 1 (the heavy branch's slots as a "
+            f"multiple of the routed fraction), got {factor!r}."
+        )
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 0:
+        raise ValueError(f"{burst_name} must be an int >= 0 (extra heavy-branch slots per row), got {burst!r}.")
+
+
+def _recomputing() -> bool:
+    """Whether this call runs inside a backward pass (activation checkpointing recomputing a forward), the test
+    FSDP uses: such a call must route as the first pass did and count nothing."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def route_block_memory(

@@ -5,6 +5,7 @@
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
+from .causal_router import validate_capacity
 from .router import routed_amount, validate_amount
 from .soft_topk import ROUTER_BACKENDS
 
@@ -80,6 +81,12 @@ class CoLT5Config(PreTrainedConfig):
             query attends to its block's memory and to every earlier token of its own block.
         causal_router_momentum: with `is_causal`, the weight of each training batch in the moving averages of the
             per-token routers' thresholds.
+        causal_router_capacity_factor, causal_router_capacity_burst: with `is_causal`, in training each per-token
+            router's heavy branch takes at most `ceil(factor * fraction * n) + burst` tokens of a sample (the
+            feedforward) or of a block (the queries), chosen by a causal token bucket, so that a training step has
+            static shapes and no host synchronisation; a routed token beyond that is dropped (it takes the light
+            branch only). Evaluation and generation keep every routed token. Factor None: no limit (the heavy
+            branch then selects its tokens with a host synchronisation).
         cuda_graph_decoding: with `is_causal`, on a GPU, one-token steps with a cache (generate()'s decoding, in
             evaluation without gradients) replay a CUDA graph of the whole step, captured at the second step of a
             cache: decoding is otherwise host-bound. False: every step runs eagerly.
@@ -138,6 +145,8 @@ class CoLT5Config(PreTrainedConfig):
     is_causal: bool = False
     causal_block_size: int = 1024
     causal_router_momentum: float = 0.05
+    causal_router_capacity_factor: float | None = 1.5
+    causal_router_capacity_burst: int = 64
     cuda_graph_decoding: bool = True
     use_cache: bool = True
     is_encoder_decoder: bool = False
@@ -244,6 +253,12 @@ class CoLT5Config(PreTrainedConfig):
             )
         if not 0 < self.causal_router_momentum <= 1:
             raise ValueError(f"causal_router_momentum must be in (0, 1], got {self.causal_router_momentum}.")
+        validate_capacity(
+            "causal_router_capacity_factor",
+            self.causal_router_capacity_factor,
+            "causal_router_capacity_burst",
+            self.causal_router_capacity_burst,
+        )
         if self.is_causal:
             self._validate_causal()
         if self.is_encoder_decoder:

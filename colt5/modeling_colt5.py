@@ -94,6 +94,8 @@ class CoLT5CausalLayer(CausalRoutedTransformerBlock, GradientCheckpointingLayer)
             block_size=config.causal_block_size,
             router_kwargs={k: v for k, v in config.router_kwargs().items() if k != "route_block_size"},
             router_momentum=config.causal_router_momentum,
+            router_capacity_factor=config.causal_router_capacity_factor,
+            router_capacity_burst=config.causal_router_capacity_burst,
             light_window_size=config.light_window_size,
             layer_idx=layer_idx,
             **_block_kwargs(config),

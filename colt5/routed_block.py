@@ -199,6 +199,9 @@ class CausalRoutedTransformerBlock(_PreNormResidualBlock):
         router_kwargs: soft top-k settings (fetch_ratio, eps, n_iters, eps_schedule, straight_through) and
             random_routing.
         router_momentum: moving-average weight of the per-token routers' statistics.
+        router_capacity_factor, router_capacity_burst: in training, the per-token routers' heavy branches take at
+            most `ceil(factor * fraction * n) + burst` tokens of a row (see `ThresholdRouter`); factor None: no
+            limit.
         **attention_kwargs: the rest of `CausalRoutedAttention`'s settings (heads, window, routing options).
     """
 
@@ -218,6 +221,8 @@ class CausalRoutedTransformerBlock(_PreNormResidualBlock):
         attention_dropout: float = 0.0,
         router_kwargs: dict[str, Any] | None = None,
         router_momentum: float = 0.05,
+        router_capacity_factor: float | None = 1.5,
+        router_capacity_burst: int = 64,
         **attention_kwargs: Any,
     ):
         router_kwargs = dict(router_kwargs or {})
@@ -229,6 +234,8 @@ class CausalRoutedTransformerBlock(_PreNormResidualBlock):
             dropout=attention_dropout,
             router_kwargs=router_kwargs,
             router_momentum=router_momentum,
+            router_capacity_factor=router_capacity_factor,
+            router_capacity_burst=router_capacity_burst,
             **attention_kwargs,
         )
         feedforward = CausalRoutedFeedForward(
@@ -245,6 +252,8 @@ class CausalRoutedTransformerBlock(_PreNormResidualBlock):
                 random_routing=attention.kv_router.random_routing,
                 cosine_sim_scale=attention.kv_router.cosine_sim_scale,
                 momentum=router_momentum,
+                capacity_factor=router_capacity_factor,
+                capacity_burst=router_capacity_burst,
             ),
         )
         super().__init__(dim, norm_eps, dropout, attention, feedforward)

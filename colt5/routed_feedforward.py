@@ -146,7 +146,9 @@ class CausalRoutedFeedForward(nn.Module):
         fraction: target share of tokens routed to the heavy MLP, in (0, 1].
         light_hidden_dim, heavy_hidden_dim: MLP widths (default dim / 2 and 4 * dim).
         activation: the MLPs' activation (default tanh-approximated GELU).
-        router_kwargs: `ThresholdRouter` settings (fetch_ratio, eps, straight_through, momentum, random_routing).
+        router_kwargs: `ThresholdRouter` settings (fetch_ratio, eps, straight_through, momentum, capacity_factor,
+            capacity_burst, random_routing). In training the heavy MLP takes at most `ceil(capacity_factor *
+            fraction * n) + capacity_burst` tokens per sample (see `ThresholdRouter`).
     """
 
     def __init__(
@@ -167,13 +169,23 @@ class CausalRoutedFeedForward(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """`x` `(batch, n, dim)`, `mask` `(batch, n)` bool (False = padding, never routed) -> `(batch, n, dim)`."""
         gate = self.router(x, mask)
-        weights = gate.weights.unsqueeze(-1).to(x.dtype)
+        light = self.light_mlp(x)
         if x.shape[1] == 1:
             # Decoding: one token per sample. Weighting all of them (0 where not routed) avoids the device sync of
             # selecting the routed ones, and reads the same weights.
-            return self.light_mlp(x) + self.heavy_mlp(x) * weights
-        # Only the routed tokens go through the heavy MLP (their number varies, hence the flat selection).
-        tokens = gate.routed.flatten().nonzero().squeeze(-1)
-        flat = x.reshape(-1, x.shape[-1])
-        heavy = self.heavy_mlp(flat[tokens]) * weights.view(-1, 1)[tokens]
-        return self.light_mlp(x) + torch.zeros_like(flat).index_add(0, tokens, heavy).view_as(x)
+            return light + self.heavy_mlp(x) * gate.weights.unsqueeze(-1).to(x.dtype)
+        slots = self.router.capacity(x.shape[1])
+        if slots is None:
+            # Every routed token; their number varies, hence the flat selection (a host synchronisation).
+            tokens = gate.routed.flatten().nonzero().squeeze(-1)
+            flat = x.reshape(-1, x.shape[-1])
+            heavy = self.heavy_mlp(flat[tokens]) * gate.weights.to(x.dtype).view(-1, 1)[tokens]
+            return light + torch.zeros_like(flat).index_add(0, tokens, heavy).view_as(x)
+        # Training: `slots` per sample (static shapes). The kept tokens come first, in order; empty slots weigh 0.
+        valid = torch.ones_like(gate.routed) if mask is None else mask.bool()
+        kept = self.router.keep_within_capacity(gate.routed, valid)
+        tokens = (~kept).to(torch.int8).sort(dim=-1, stable=True).indices[:, :slots]
+        weights = (gate.weights * kept).gather(1, tokens).unsqueeze(-1).to(x.dtype)
+        positions = tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        heavy = self.heavy_mlp(x.gather(1, positions)) * weights
+        return light + torch.zeros_like(x).scatter_add(1, positions, heavy)

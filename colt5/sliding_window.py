@@ -65,7 +65,8 @@ def window_block_mask(
     # BlockMask wants one column per key tile (the listed ones first, the rest unused).
     kv_indices = F.pad(kv_indices, (0, max(0, tiles - kv_indices.shape[-1])))[:, :tiles]
     kv_num_blocks = inside.sum(-1).to(torch.int32)
-    highest, lowest = (torch.tensor(value, device=device) for value in (window, 0 if causal else -window))
+    # torch.full fills on the device; torch.tensor would copy from the host (a synchronisation in every forward).
+    highest, lowest = (torch.full((), value, device=device) for value in (window, 0 if causal else -window))
 
     def window_mask(b, h, q_idx, kv_idx):
         distance = q_idx - kv_idx
@@ -81,7 +82,7 @@ def window_block_mask(
     if valid is not None:
         mask_mod = window_and_padding_mask
     elif valid_length is not None and valid_length < length:
-        end = torch.tensor(valid_length, device=device)
+        end = torch.full((), valid_length, device=device)
         mask_mod = window_and_length_mask
     return BlockMask.from_kv_blocks(
         kv_num_blocks[None, None],

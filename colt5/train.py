@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--fsdp", action="store_true",
                        help="shard with FSDP2 over GPUs (under torchrun); wraps each CoLT5 layer")
+    train.add_argument("--cuda-graphs", action="store_true",
+                       help="causal-lm on one GPU: replay each training step's forward and backward from CUDA "
+                            "graphs (captured at the first step); the optimizer step stays eager")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--logging-steps", type=int, default=10)
     train.add_argument("--eval-steps", type=int, default=None, help="default: --steps / 4")
@@ -268,6 +271,19 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error("--lora-rank with --fsdp is not supported: train the adapters with DDP (leave out --fsdp).")
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         parser.error("--fsdp shards over several processes: start the run with torchrun --nproc_per_node N.")
+    if args.cuda_graphs:
+        if args.task != "causal-lm":
+            parser.error("--cuda-graphs is for --task causal-lm (the model whose training step was made capturable).")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.fsdp:
+            parser.error("--cuda-graphs trains on one GPU: leave out torchrun (DDP) and --fsdp.")
+        if args.gradient_checkpointing:
+            parser.error("--cuda-graphs with --gradient-checkpointing is not supported: pass one of them.")
+        if args.lora_rank:
+            parser.error("--cuda-graphs with --lora-rank is not supported: train LoRA adapters eagerly.")
+        if parse_config_overrides(args.config).get("causal_router_capacity_factor", 1) is None:
+            parser.error("--cuda-graphs needs the routers' fixed capacities: leave causal_router_capacity_factor set.")
+        if not torch.cuda.is_available():
+            parser.error("--cuda-graphs needs a CUDA GPU; on this machine leave it out.")
 
 
 def _run_settings(args: argparse.Namespace) -> dict:
@@ -312,14 +328,57 @@ class ThroughputCallback(TrainerCallback):
         return self.steps * self.tokens_per_step / self.seconds if self.seconds else float("nan")
 
 
-class CoLT5Trainer(Trainer):
-    """Trainer that adds bits per byte to the evaluation logs and tokens/s to the training logs."""
+class _LossOf(torch.nn.Module):
+    """`model(**inputs).loss` as a module of positional tensors, the form `torch.cuda.make_graphed_callables` takes."""
 
-    def __init__(self, *args, bytes_per_token: float | None = None, throughput: ThroughputCallback, **kwargs):
+    def __init__(self, model: torch.nn.Module, names: tuple[str, ...]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.names, tensors))).loss
+
+
+class CoLT5Trainer(Trainer):
+    """Trainer that adds bits per byte to the evaluation logs and tokens/s to the training logs.
+
+    With `cuda_graphs`, the forward and backward pass of a training batch replay CUDA graphs captured at the first
+    batch (`torch.cuda.make_graphed_callables`: its 3 warm-up passes also update the causal routers' statistics);
+    the optimizer step, gradient clipping and evaluation stay eager. This needs static shapes and no host
+    synchronisation in the step, which the causal model has in training (its routers' fixed capacities). A batch of
+    other shapes (a last, shorter one) runs eagerly."""
+
+    def __init__(
+        self,
+        *args,
+        bytes_per_token: float | None = None,
+        throughput: ThroughputCallback,
+        cuda_graphs: bool = False,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.bytes_per_token = bytes_per_token
         self.throughput = throughput
         self.add_callback(throughput)
+        self.cuda_graphs = cuda_graphs
+        self._graphed_loss: tuple[tuple, torch.nn.Module] | None = None  # (input signature, graphed loss)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not (self.cuda_graphs and model.training) or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        graph_inputs = dict(inputs)
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:
+            # A tensor input of the graph, so that each replay divides by its batch's count.
+            graph_inputs["num_items_in_batch"] = torch.as_tensor(num_items_in_batch, device=self.args.device)
+        names = tuple(sorted(graph_inputs))
+        tensors = tuple(graph_inputs[name] for name in names)
+        signature = tuple((name, tensor.shape, tensor.dtype) for name, tensor in zip(names, tensors))
+        if self._graphed_loss is None:
+            graphed = torch.cuda.make_graphed_callables(_LossOf(model, names), tensors, allow_unused_input=True)
+            self._graphed_loss = (signature, graphed)
+        if self._graphed_loss[0] != signature:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return self._graphed_loss[1](*tensors)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "eval_loss" in logs and self.bytes_per_token:
@@ -341,18 +400,20 @@ ROUTER_KINDS = {"queries": (CausalRoutedAttention, "q_router"), "feedforward": (
 def routed_fraction_logs(model: torch.nn.Module) -> dict[str, float]:
     """For each kind of per-token causal router (heavy queries, heavy feedforward), the share of valid tokens its
     routers routed in training since the last log, as `routed_{kind}_{mean,min,max}` over the layers, the way
-    mixture-of-experts trainers log load balance. Counts come from this process's batches (the logging one, under
-    DDP or FSDP). Empty for encoders, whose routers route exact amounts."""
+    mixture-of-experts trainers log load balance, and the share dropped for capacity (`dropped_{kind}_max`, the
+    layer that dropped most). Counts come from this process's batches (the logging one, under DDP or FSDP). Empty
+    for encoders, whose routers route exact amounts."""
     logs = {}
     for kind, (layer_class, attribute) in ROUTER_KINDS.items():
         # A layer whose every token is a heavy query has no query router (None).
         routers = [getattr(module, attribute) for module in model.modules() if isinstance(module, layer_class)]
-        routers = [router for router in routers if router is not None]
-        fractions = [fraction for router in routers if (fraction := router.take_routed_fraction()) is not None]
-        if fractions:
-            logs[f"routed_{kind}_mean"] = round(sum(fractions) / len(fractions), 4)
-            logs[f"routed_{kind}_min"] = round(min(fractions), 4)
-            logs[f"routed_{kind}_max"] = round(max(fractions), 4)
+        shares = [share for router in routers if router is not None and (share := router.take_fractions())]
+        if shares:
+            routed = [share[0] for share in shares]
+            logs[f"routed_{kind}_mean"] = round(sum(routed) / len(routed), 4)
+            logs[f"routed_{kind}_min"] = round(min(routed), 4)
+            logs[f"routed_{kind}_max"] = round(max(routed), 4)
+            logs[f"dropped_{kind}_max"] = round(max(share[1] for share in shares), 4)
     return logs
 
 
@@ -365,6 +426,7 @@ def last_routed_fractions(log_history: list[dict], config: CoLT5Config) -> dict[
     return {
         kind: {"step": entries[-1]["step"], "target": targets[kind]}
         | {stat: entries[-1][f"routed_{kind}_{stat}"] for stat in ("mean", "min", "max")}
+        | {"dropped_max": entries[-1][f"dropped_{kind}_max"]}
         for kind in ROUTER_KINDS
         if f"routed_{kind}_mean" in entries[-1]
     }
@@ -610,6 +672,7 @@ def main(argv: list[str] | None = None) -> None:
         compute_metrics=compute_metrics,
         bytes_per_token=data.bytes_per_token,
         throughput=throughput,
+        cuda_graphs=args.cuda_graphs,
     )
     if args.fsdp and not trainer.is_fsdp_enabled:
         raise SystemExit(

@@ -89,10 +89,12 @@ def _format_eval(entry: dict | None) -> str:
 
 
 def routed_fractions_text(fractions: dict[str, dict[str, float]]) -> str:
-    """One line for the routed shares of `summary["routed_fractions"]`: mean, range over layers and target."""
+    """One line for the routed shares of `summary["routed_fractions"]`: mean, range over layers, target, and the
+    largest share of a layer's tokens dropped for capacity."""
     step = next(iter(fractions.values()))["step"]
     parts = [
-        f"{kind} {share['mean']:.3f} ({share['min']:.3f}-{share['max']:.3f} over layers; target {share['target']:g})"
+        f"{kind} {share['mean']:.3f} ({share['min']:.3f}-{share['max']:.3f} over layers; target {share['target']:g}; "
+        f"dropped for capacity at most {share['dropped_max']:.3f})"
         for kind, share in fractions.items()
     ]
     return ", ".join(parts) + f", in training up to step {step}"

@@ -15,13 +15,14 @@ Forward is timed under no_grad, forward+backward with a random output gradient; 
 three groups of back-to-back calls (wall clock with the device synchronised). Peak MB: memory allocated by one
 forward+backward above the inputs and weights. floor: the layer's matmul FLOPs at the measured bf16 matmul rate,
 or its input and output bytes at the measured copy bandwidth, whichever is larger. graph: forward+backward replayed
-from a CUDA graph (encoder layers and dense baselines; causal layers synchronise with the host), i.e. GPU time
-without host overhead.
+from a CUDA graph (in train mode; the causal layers' routers have fixed capacities there, so every layer has static
+shapes and no host synchronisation), i.e. GPU time without host overhead.
 
 Models (autocast bf16, float32 weights, AdamW steps, width 512, 8 layers, byte vocabulary of 384, batch of
 max(1, 65536 / n) sequences): CoLT5ForCausalLM (also as "colt5 copies", see above) vs LlamaForCausalLM (SDPA) and
 CoLT5Model vs BertModel (SDPA, a dense bidirectional encoder; loss = mean square of the last hidden state),
-training tokens/s and peak GB.
+training tokens/s and peak GB; "graph tokens/s": the same steps with forward+backward replayed from one CUDA
+graph (the optimizer step eager), for each model of the pair.
 
 Usage: python scripts/bench_long_context.py [--lengths 4096 ... 131072] [--model-lengths 8192 32768 65536]
        [--profile 32768] [--json results/x.json] [--plot results/x.png]
@@ -377,13 +378,14 @@ def measure_model(model: nn.Module, task: str, n: int, device: torch.device, tok
     ids = torch.randint(3, MODEL_VOCAB, (batch, n), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def step():
+    def loss() -> torch.Tensor:
         with autocast:
             if task == "causal":
-                loss = model(input_ids=ids, labels=ids).loss
-            else:
-                loss = model(input_ids=ids).last_hidden_state.float().square().mean()
-        loss.backward()
+                return model(input_ids=ids, labels=ids).loss
+            return model(input_ids=ids).last_hidden_state.float().square().mean()
+
+    def step():
+        loss().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -393,11 +395,39 @@ def measure_model(model: nn.Module, task: str, n: int, device: torch.device, tok
         result.update(step_ms=step_ms, tokens_per_s=batch * n / step_ms * 1e3, peak_gb=peak_mb(step) / 1024)
     except torch.OutOfMemoryError:
         result["error"] = "out of memory"
+    if device.type == "cuda" and "error" not in result:
+        try:
+            graph_ms = timed(graphed_training_step(loss, optimizer), budget_s=1.0)
+            result["graph_tokens_per_s"] = batch * n / graph_ms * 1e3
+        except Exception as error:  # recorded apart: the eager numbers stand either way
+            result["graph_error"] = f"{type(error).__name__}: {str(error)[:100]}"
     optimizer.state.clear()
     model.to("meta")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def graphed_training_step(loss, optimizer: torch.optim.Optimizer):
+    """A training step whose forward+backward (`loss().backward()`) replays one CUDA graph; the optimizer step and
+    zeroing the gradients (in place, so the graph keeps adding into the same tensors) stay eager."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as graph capture requires
+        for _ in range(3):
+            loss().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    optimizer.zero_grad(set_to_none=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss().backward()
+
+    def step():
+        graph.replay()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    return step
 
 
 # ------------------------------------------------------------------------------------------------ profile
@@ -554,8 +584,7 @@ def main() -> None:
     for kind in kinds:
         for n in args.lengths:
             torch.manual_seed(n)
-            # Causal layers synchronise with the host (data-dependent shapes): no CUDA-graph replay for them.
-            graph = not kind.startswith("causal")
+            graph = True
             rows = {"ours": measure_layer(ours(kind, n), n, dtype, device, graph)}
             if kind in ("causal attention", "causal block"):
                 torch.manual_seed(n)
@@ -586,10 +615,13 @@ def main() -> None:
                     flush=True,
                 )
 
-    print("\nmodels: training step (forward, backward, AdamW), autocast bf16; x = baseline time / ours")
+    print(
+        "\nmodels: training step (forward, backward, AdamW), autocast bf16; x = baseline time / ours; graph: forward+"
+        "backward replayed from a CUDA graph"
+    )
     print(
         f"{'task':8s} {'n':>7s} {'model':12s} {'batch':>5s} {'params M':>8s} {'tokens/s':>10s} {'peak GB':>8s} "
-        f"{'x':>6s}"
+        f"{'x':>6s} {'graph tok/s':>11s} {'x graph':>7s}"
     )
     for task in args.tasks:
         for n in args.model_lengths:
@@ -611,9 +643,13 @@ def main() -> None:
                     continue
                 ours_speed = results["colt5"].get("tokens_per_s", float("nan"))
                 ratio = ours_speed / row["tokens_per_s"] if name != "colt5" else float("nan")
+                graphed, ours_graphed = row.get("graph_tokens_per_s"), results["colt5"].get("graph_tokens_per_s")
+                graph_note = f"{graphed:11.0f}" if graphed else f"{'-':>11s}"
+                graph_ratio = f"{ours_graphed / graphed:7.2f}" if graphed and ours_graphed and name != "colt5" else ""
                 print(
                     f"{task:8s} {n:7d} {name:12s} {row['batch']:5d} {row['params_m']:8.1f} {row['tokens_per_s']:10.0f} "
-                    f"{row['peak_gb']:8.2f} {ratio:6.2f}",
+                    f"{row['peak_gb']:8.2f} {ratio:6.2f} {graph_note} {graph_ratio:>7s}"
+                    + (f"  (graph: {row['graph_error']})" if "graph_error" in row else ""),
                     flush=True,
                 )
 

@@ -30,7 +30,7 @@ from colt5 import (
     route,
 )
 from colt5.cache_colt5 import CACHE_NAME
-from colt5.causal_router import gate_statistics
+from colt5.causal_router import gate_statistics, within_capacity
 
 VOCAB = 384  # ByT5's vocabulary size: 3 special tokens, 256 bytes, 125 extra ids
 DIM = 64  # hidden_size of the conftest TINY_CONFIG
@@ -721,6 +721,155 @@ def test_a_batch_of_padding_only_leaves_the_router_statistics_as_they_were():
     router(x)  # a real batch moves them at the next call
     router(x)
     assert not torch.equal(router.threshold, before[0]) and torch.isfinite(router.threshold)
+
+
+def token_bucket(routed, valid, rate, burst=0):
+    """`within_capacity` by its definition, token by token: the i-th valid token is kept when it is routed and
+    fewer than ceil(rate * i) + burst tokens before it were kept."""
+    kept = torch.zeros_like(routed)
+    for row in range(routed.shape[0]):
+        taken = seen = 0
+        for t in range(routed.shape[1]):
+            if valid[row, t]:
+                seen += 1
+                if routed[row, t] and taken < math.ceil(rate * seen) + burst:
+                    kept[row, t], taken = True, taken + 1
+    return kept
+
+
+@pytest.mark.parametrize("rate, burst", [(0.1, 0), (0.3125, 0), (0.6, 0), (1.0, 0), (0.1, 3), (0.3125, 8)])
+def test_within_capacity_is_the_token_bucket(rate, burst):
+    """The closed form equals the bucket run token by token (random decisions, routed shares 0-100%, random
+    padding), exactly; it keeps at most ceil(rate * valid count) + burst tokens per row, only routed valid ones,
+    and drops some at the lower rates; a 3-dim input (the attention's blocks) is rows along its last dimension."""
+    torch.manual_seed(int(rate * 100) + burst)
+    routed = torch.rand(60, 40) < torch.rand(60, 1)
+    valid = torch.rand(60, 40) < 0.8
+    kept = within_capacity(routed, valid, rate, burst)
+    assert torch.equal(kept, token_bucket(routed, valid, rate, burst))
+    assert not (kept & ~(routed & valid)).any()
+    assert (kept.sum(-1) <= torch.ceil(rate * valid.sum(-1)) + burst).all()
+    assert (kept.sum() < (routed & valid).sum()) == (rate < 1)
+    blocks = within_capacity(routed.view(6, 10, 40), valid.view(6, 10, 40), rate, burst)
+    assert torch.equal(blocks, kept.view(6, 10, 40))
+    if burst:  # the burst keeps more than the rate alone
+        assert kept.sum() > within_capacity(routed, valid, rate).sum()
+
+
+def capacity_layer(kind, capacity_factor, capacity_burst=0):
+    """A causal layer in train mode whose per-token routers route every token (threshold -inf), so that a capacity
+    factor below 1 / TARGET drops tokens."""
+    layer = make_causal_layer(kind).train()
+    for router in layer.modules():
+        if isinstance(router, ThresholdRouter):
+            router.capacity_factor, router.capacity_burst = capacity_factor, capacity_burst
+            router.threshold.fill_(-math.inf)
+    return layer
+
+
+def from_the_same_state(layer):
+    """Calls of `layer` that each start from its current router statistics (a train-mode call changes them)."""
+    return lambda x, mask=None: copy.deepcopy(layer)(x, mask)
+
+
+@pytest.mark.parametrize("kind", ["feedforward", "attention", "block"])
+def test_a_binding_capacity_is_causal_and_counted(kind):
+    """In training with capacity factor 2 (half of the routed tokens fit), outputs at positions <= t do not depend on
+    later tokens (within CAUSAL_ATOL), and every router counts the tokens it dropped."""
+    layer = capacity_layer(kind, 2.0)
+    x = torch.randn(2, 48, DIM)
+    for t in positions_to_check(48):
+        prefix, suffix = prefix_and_suffix_changes(from_the_same_state(layer), x, t, perturb_features)
+        assert prefix <= CAUSAL_ATOL, f"t={t}: outputs at positions <= t changed by {prefix}"
+        assert suffix > 1e-3
+    layer(x)
+    for router in (m for m in layer.modules() if isinstance(m, ThresholdRouter)):
+        routed, dropped = router.take_fractions()
+        assert routed == 1.0 and 0.4 < dropped < 0.6, (routed, dropped)
+
+
+@pytest.mark.parametrize("kind", ["feedforward", "attention", "block"])
+def test_a_binding_capacity_keeps_a_left_padded_sample_as_the_sample_alone(kind):
+    """Capacities count valid tokens: in training with capacity factor 2, a sample left-padded by 13 positions in a
+    batch gives the outputs it gives alone (float32, within 1e-5)."""
+    layer = capacity_layer(kind, 2.0)
+    run = from_the_same_state(layer)
+    x = torch.randn(1, 35, DIM)
+    padded = torch.cat((torch.randn(1, 13, DIM), x), dim=1).expand(2, -1, -1).clone()
+    padded[0, 13:] = torch.randn(35, DIM)  # another sample beside it
+    mask = torch.ones(2, 48, dtype=torch.bool)
+    mask[1, :13] = False
+    with torch.no_grad():
+        torch.testing.assert_close(run(padded, mask)[1, 13:], run(x)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_the_feedforward_in_training_weights_the_kept_tokens_only(padding):
+    """The capacity path (fixed slots) against its definition: light MLP plus the heavy MLP of the tokens the
+    token bucket keeps (at rate 2 * TARGET per sample, burst 5), times their router weights; outputs and gradients
+    of the input and of every parameter, float32, within 1e-5."""
+    layer = capacity_layer("feedforward", 2.0, 5)
+    with torch.no_grad():
+        layer.router.shift.fill_(-0.5)  # weights below 1: their gradient reaches the router
+    x = torch.randn(2, 48, DIM)
+    mask = torch.ones(2, 48, dtype=torch.bool)
+    if padding:
+        mask[1, :20] = False
+
+    def run(forward):
+        module = copy.deepcopy(layer)
+        inputs = x.clone().requires_grad_()
+        out = forward(module, inputs)
+        (out * mask.unsqueeze(-1) * torch.linspace(-1, 1, DIM)).sum().backward()
+        return [out * mask.unsqueeze(-1), inputs.grad] + [p.grad for p in module.parameters()]
+
+    def definition(module, inputs):
+        gate = module.router(inputs, mask)
+        kept = token_bucket(gate.routed, mask, 2.0 * TARGET, 5)
+        return module.light_mlp(inputs) + module.heavy_mlp(inputs) * (gate.weights * kept).unsqueeze(-1)
+
+    for got, expected in zip(run(lambda module, inputs: module(inputs, mask)), run(definition)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["feedforward", "attention", "block"])
+def test_a_capacity_that_holds_every_routed_token_changes_nothing(kind):
+    """With the routers' statistics as trained and room for every routed token (capacity factor 1 / TARGET), a
+    train-mode call (fixed slots) equals the eval-mode call (as many slots as routed tokens): outputs and every
+    gradient, float32, within 1e-5."""
+    torch.manual_seed(3)
+    layer = make_causal_layer(kind)
+    for router in layer.modules():
+        if isinstance(router, ThresholdRouter):
+            router.capacity_factor = 1 / TARGET
+    x = torch.randn(2, 48, DIM)
+
+    def run(train):
+        module = copy.deepcopy(layer).train(train)
+        inputs = x.clone().requires_grad_()
+        out = module(inputs)
+        (out * torch.linspace(-1, 1, DIM)).sum().backward()
+        return [out, inputs.grad] + [p.grad for p in module.parameters()]
+
+    for got, expected in zip(run(True), run(False)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_capacities_are_checked_and_follow_the_config(causal_config):
+    with pytest.raises(ValueError, match="causal_router_capacity_factor must be None .* or a number >= 1"):
+        causal_config(causal_router_capacity_factor=0.5)
+    with pytest.raises(ValueError, match="causal_router_capacity_burst must be an int >= 0"):
+        causal_config(causal_router_capacity_burst=-1)
+    with pytest.raises(ValueError, match="capacity_factor must be None"):
+        ThresholdRouter(DIM, TARGET, capacity_factor=0.9)
+    model = CoLT5ForCausalLM(causal_config(causal_router_capacity_factor=None)).train()
+    assert all(m.capacity(48) is None for m in model.modules() if isinstance(m, ThresholdRouter))
+    model = CoLT5ForCausalLM(causal_config(causal_router_capacity_factor=2.0, causal_router_capacity_burst=3))
+    routers = [m for m in model.train().modules() if isinstance(m, ThresholdRouter)]
+    assert len(routers) == 4 and all(m.capacity(48) == 27 and m.capacity(500) == 253 for m in routers)
+    assert all(m.capacity(48) == 48 for m in CoLT5ForCausalLM(causal_config()).modules()  # never above n
+               if isinstance(m, ThresholdRouter))
+    assert all(m.capacity(48) is None for m in model.eval().modules() if isinstance(m, ThresholdRouter))
 
 
 # ===================================================================================================== save / load

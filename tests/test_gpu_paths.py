@@ -1,7 +1,7 @@
 """The layers' GPU fast paths (FlexAttention for the light branch, SDPA's flash kernel for the unmasked encoder heavy
 branch) against the paths they take otherwise: whole layers, outputs and every gradient, with the FlexAttention path
-on and off (same device, same float32 routing); the cross and image attention on CUDA against float64 on the CPU.
-tests/test_sliding_window.py compares the kernels themselves.
+on and off (same device, same float32 routing); the cross and image attention on CUDA against float64 on the CPU;
+causal training steps without host synchronisation. tests/test_sliding_window.py compares the kernels themselves.
 """
 
 import copy
@@ -11,6 +11,9 @@ import torch
 
 from colt5 import (
     CausalRoutedAttention,
+    CausalRoutedFeedForward,
+    CoLT5Config,
+    CoLT5ForCausalLM,
     CausalRoutedTransformerBlock,
     ConditionalRoutedAttention,
     ConditionalRoutedCrossAttention,
@@ -123,7 +126,59 @@ def test_threshold_router_training_statistics_do_not_synchronise():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert not torch.equal(router.threshold, before)
-    assert abs(router.take_routed_fraction() - 0.25) < 0.1
+    assert abs(router.take_fractions()[0] - 0.25) < 0.1
+
+
+def sync_free_case(kind):
+    """A causal layer (or CoLT5ForCausalLM) in train mode and a function that runs one training step's forward and
+    backward of it under bf16 autocast, on a batch with left padding."""
+    torch.manual_seed(0)
+    n = 1000
+    mask = torch.ones(2, n, dtype=torch.bool, device="cuda")
+    mask[1, :100] = False
+    if kind == "model":
+        config = CoLT5Config(
+            vocab_size=384, hidden_size=64, num_hidden_layers=2, light_num_heads=2, light_head_dim=16,
+            heavy_num_heads=4, heavy_head_dim=16, light_window_size=40, light_intermediate_size=32,
+            heavy_intermediate_size=256, routed_ff_tokens=0.25, routed_query_tokens=0.25, routed_kv_tokens=96,
+            causal_block_size=128, num_kv_routing_sets=2, is_causal=True, use_cache=False,
+        )
+        model = CoLT5ForCausalLM(config).cuda().train()
+        ids = torch.randint(3, 384, (2, n), device="cuda")
+        return model, lambda: model(ids, attention_mask=mask, labels=ids).loss.backward()
+    if kind == "feedforward":
+        layer = CausalRoutedFeedForward(64, fraction=0.25)
+    elif kind.startswith("attention"):
+        fraction = 1.0 if kind.endswith("every query") else 0.25
+        layer = CausalRoutedAttention(64, routed_query_fraction=fraction, memory_size=96, block_size=128,
+                                      light_heads=2, light_dim_head=16, heavy_heads=4, heavy_dim_head=16,
+                                      num_routed_kv=2)
+    else:
+        layer = make_layer("causal block")
+    layer = layer.cuda().train()
+    x = torch.randn(2, n, 64, device="cuda", requires_grad=True)
+    return layer, lambda: layer(x, mask).float().square().mean().backward()
+
+
+@gpu
+@pytest.mark.parametrize("kind", ["feedforward", "attention", "attention, every query", "block", "model"])
+def test_a_causal_training_step_does_not_synchronise(kind):
+    """Forward and backward of each causal layer and of CoLT5ForCausalLM in training (bf16 autocast, padding,
+    per-token routers with their capacities) pass torch.cuda.set_sync_debug_mode("error"); the heavy branches
+    take part (the routers routed tokens)."""
+    module, step = sync_free_case(kind)
+    with torch.autocast("cuda", torch.bfloat16):
+        step()  # compiles the kernels (and FlexAttention) first
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(2):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    routers = [m for m in module.modules() if isinstance(m, ThresholdRouter)]
+    assert len(routers) == {"feedforward": 1, "attention": 1, "attention, every query": 0, "block": 2, "model": 4}[kind]
+    assert all(router.take_fractions()[0] > 0.05 for router in routers)
 
 
 @gpu
