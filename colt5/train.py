@@ -426,7 +426,8 @@ def last_routed_fractions(log_history: list[dict], config: CoLT5Config) -> dict[
     return {
         kind: {"step": entries[-1]["step"], "target": targets[kind]}
         | {stat: entries[-1][f"routed_{kind}_{stat}"] for stat in ("mean", "min", "max")}
-        | {"dropped_max": entries[-1][f"dropped_{kind}_max"]}
+        # Logs of runs from before the capacities (a resumed run) have no dropped share.
+        | {"dropped_max": entries[-1].get(f"dropped_{kind}_max")}
         for kind in ROUTER_KINDS
         if f"routed_{kind}_mean" in entries[-1]
     }

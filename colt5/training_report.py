@@ -93,8 +93,9 @@ def routed_fractions_text(fractions: dict[str, dict[str, float]]) -> str:
     largest share of a layer's tokens dropped for capacity."""
     step = next(iter(fractions.values()))["step"]
     parts = [
-        f"{kind} {share['mean']:.3f} ({share['min']:.3f}-{share['max']:.3f} over layers; target {share['target']:g}; "
-        f"dropped for capacity at most {share['dropped_max']:.3f})"
+        f"{kind} {share['mean']:.3f} ({share['min']:.3f}-{share['max']:.3f} over layers; target {share['target']:g}"
+        + ("" if share.get("dropped_max") is None else f"; dropped for capacity at most {share['dropped_max']:.3f}")
+        + ")"
         for kind, share in fractions.items()
     ]
     return ", ".join(parts) + f", in training up to step {step}"

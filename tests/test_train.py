@@ -355,6 +355,11 @@ def test_routed_shares_of_a_model_whose_every_token_is_a_heavy_query(tiny_config
     assert set(logs) == {f"routed_feedforward_{stat}" for stat in ("mean", "min", "max")} | {"dropped_feedforward_max"}
     last = last_routed_fractions([dict(logs, step=3, loss=1.0)], config)
     assert set(last) == {"feedforward"} and last["feedforward"]["target"] == config.routed_ff_tokens
+    assert f"dropped for capacity at most {logs['dropped_feedforward_max']:.3f}" in routed_fractions_text(last)
+    # The last log of a run from before the capacities (resumed at its end) has no dropped share.
+    older = {key: value for key, value in logs.items() if not key.startswith("dropped")}
+    text = routed_fractions_text(last_routed_fractions([dict(older, step=3, loss=1.0)], config))
+    assert "dropped" not in text and text.startswith("feedforward ")
 
 
 def losing_the_cache():
