@@ -81,9 +81,9 @@ def within_capacity(routed: torch.Tensor, valid: torch.Tensor, rate: float, burs
     when it is routed and fewer than `ceil(rate * (i + 1)) + burst` tokens before it were kept.
 
     So at most `ceil(rate * valid count) + burst` tokens are kept (a static bound for the heavy branch's shapes),
-    whether a token is kept depends on the tokens before it only (causal), budget left unused carries over, and a
-    run of routed tokens denser than the rate keeps up to `burst` more before it loses any (routing is bursty: on
-    code, a trained router's decisions cluster in runs of tokens).
+    whether a token is kept depends on the tokens before it only (causal), and budget left unused carries over: a
+    run of routed tokens denser than the rate uses up what is left before it loses any, `burst` at the row's start
+    (routing is bursty: on code, a trained router's decisions cluster in runs of tokens).
 
     Computed without a loop: with R_t the routed tokens up to t and B_t the (never decreasing) budget, the kept
     count K_t = min(K_{t-1} + routed_t, B_t) has the closed form K_t = R_t + min(0, min_{s <= t} (B_s - R_s)).
@@ -266,11 +266,13 @@ class ThresholdRouter(TokenScorer):
         if self._pending is None or not (self.training or self._folding_due):
             return
         self._folding_due = False
+        if self._pending[0].device != self.threshold.device:  # the module moved since the last training call
+            self._pending = tuple(t.to(self.threshold.device) for t in self._pending)
         threshold, shift, pending = self._pending
         # A batch of padding only (or none since the last fold) leaves the statistics as they were: a device-side
         # choice, no synchronisation.
         for running, new in ((self.threshold, threshold), (self.shift, shift)):
-            running.copy_(torch.where(pending, running.lerp(new, self.momentum), running))
+            running.copy_(torch.where(pending, running.lerp(new.to(running), self.momentum), running))
         pending.fill_(False)
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from importlib import metadata
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -151,9 +151,13 @@ def parse_config_overrides(pairs: list[str]) -> dict:
     unknown = sorted(set(overrides) - set(types))
     if unknown:
         raise ValueError(f"--config: {unknown} are not CoLT5Config fields.")
-    # "1" reads as an int; a float-only field (router_eps) takes it as 1.0.
-    return {key: float(value) if types[key] is float and type(value) is int else value
+    # "1" reads as an int; a float field (router_eps, also one that may be None) takes it as 1.0.
+    return {key: float(value) if _takes_float(types[key]) and type(value) is int else value
             for key, value in overrides.items()}
+
+
+def _takes_float(field_type) -> bool:
+    return field_type is float or float in get_args(field_type)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--fsdp", action="store_true",
                        help="shard with FSDP2 over GPUs (under torchrun); wraps each CoLT5 layer")
-    train.add_argument("--cuda-graphs", action="store_true",
+    train.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False,
                        help="causal-lm on one GPU: replay each training step's forward and backward from CUDA "
                             "graphs (captured at the first step); the optimizer step stays eager")
     train.add_argument("--seed", type=int, default=0)
@@ -284,6 +288,9 @@ def _validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             parser.error("--cuda-graphs needs the routers' fixed capacities: leave causal_router_capacity_factor set.")
         if not torch.cuda.is_available():
             parser.error("--cuda-graphs needs a CUDA GPU; on this machine leave it out.")
+        if torch.cuda.device_count() > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # Trainer would wrap the model in DataParallel over every visible GPU, which a graph cannot capture.
+            parser.error("--cuda-graphs trains on one GPU: make one visible (CUDA_VISIBLE_DEVICES=0).")
 
 
 def _run_settings(args: argparse.Namespace) -> dict:
@@ -551,6 +558,8 @@ def _training_arguments(args: argparse.Namespace, model: PreTrainedModel, resumi
         seed=args.seed,
         dataloader_num_workers=args.num_workers,
         dataloader_pin_memory=cuda,
+        # --cuda-graphs captures the first batch's shapes: a last, shorter batch would run eagerly beside the graph.
+        dataloader_drop_last=args.cuda_graphs,
         # Without it accelerate runs torchrun's CPU processes as independent single-process runs (no DDP).
         use_cpu=not cuda,
         report_to="none",
@@ -646,6 +655,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"colt5-train: {error}") from error
     if args.lora_rank:
         model = add_lora_adapters(model, args.lora_rank, args.task)
+    if args.cuda_graphs and model.config.causal_router_capacity_factor is None:  # e.g. from --init-from's config
+        raise SystemExit(
+            "--cuda-graphs needs the routers' fixed capacities: the model's causal_router_capacity_factor is None; "
+            "set one with --config causal_router_capacity_factor=1.5."
+        )
     training_args = _training_arguments(args, model, resuming=checkpoint is not None)
     world_size = training_args.world_size
     # seq2seq: input and target tokens (both padded to their fixed lengths).

@@ -711,6 +711,17 @@ def test_gate_statistics_of_a_masked_pool_are_those_of_its_valid_scores(fraction
     assert moved[0] == threshold and abs(moved[1] - shift) < 1e-12
 
 
+def test_router_statistics_follow_the_module_to_another_dtype():
+    """A training call's pending statistics are folded into buffers moved since (float64 here; a device alike)."""
+    router = ThresholdRouter(DIM, TARGET).train()
+    router(torch.randn(2, 10, DIM))
+    router.double()
+    router(torch.randn(2, 10, DIM, dtype=torch.float64))
+    assert router.threshold.dtype == torch.float64 and torch.isfinite(router.threshold)
+    router.half().state_dict()  # folds the float64 call's statistics into float16 buffers
+    assert router.shift.dtype == torch.float16 and torch.isfinite(router.shift)
+
+
 def test_a_batch_of_padding_only_leaves_the_router_statistics_as_they_were():
     router = ThresholdRouter(DIM, TARGET).train()
     x = torch.randn(2, 10, DIM)
@@ -757,13 +768,13 @@ def test_within_capacity_is_the_token_bucket(rate, burst):
 
 
 def capacity_layer(kind, capacity_factor, capacity_burst=0):
-    """A causal layer in train mode whose per-token routers route every token (threshold -inf), so that a capacity
-    factor below 1 / TARGET drops tokens."""
+    """A causal layer in train mode whose per-token routers route most tokens (threshold -0.5 on scores of about
+    N(0, 1): about 70%, depending on the input), so that a capacity factor below 1 / TARGET drops tokens."""
     layer = make_causal_layer(kind).train()
     for router in layer.modules():
         if isinstance(router, ThresholdRouter):
             router.capacity_factor, router.capacity_burst = capacity_factor, capacity_burst
-            router.threshold.fill_(-math.inf)
+            router.threshold.fill_(-0.5)
     return layer
 
 
@@ -774,8 +785,8 @@ def from_the_same_state(layer):
 
 @pytest.mark.parametrize("kind", ["feedforward", "attention", "block"])
 def test_a_binding_capacity_is_causal_and_counted(kind):
-    """In training with capacity factor 2 (half of the routed tokens fit), outputs at positions <= t do not depend on
-    later tokens (within CAUSAL_ATOL), and every router counts the tokens it dropped."""
+    """In training with capacity factor 2 (a rate of 0.5 against about 70% routed), outputs at positions <= t do not
+    depend on later tokens (within CAUSAL_ATOL), and every router counts the tokens it dropped."""
     layer = capacity_layer(kind, 2.0)
     x = torch.randn(2, 48, DIM)
     for t in positions_to_check(48):
@@ -785,7 +796,7 @@ def test_a_binding_capacity_is_causal_and_counted(kind):
     layer(x)
     for router in (m for m in layer.modules() if isinstance(m, ThresholdRouter)):
         routed, dropped = router.take_fractions()
-        assert routed == 1.0 and 0.4 < dropped < 0.6, (routed, dropped)
+        assert 0.55 < routed < 0.85 and 0.1 < dropped < routed - 0.4, (routed, dropped)
 
 
 @pytest.mark.parametrize("kind", ["feedforward", "attention", "block"])

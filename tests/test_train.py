@@ -195,6 +195,8 @@ def test_config_overrides():
         parse_config_overrides(["hidden=3"])
     with pytest.raises(ValueError, match="key=value"):
         parse_config_overrides(["router_iterations"])
+    # A float field that may be None takes an int as a float too (the strict config refuses an int there).
+    assert parse_config_overrides(["causal_router_capacity_factor=2"]) == {"causal_router_capacity_factor": 2.0}
 
 
 @pytest.mark.parametrize(
