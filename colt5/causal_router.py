@@ -157,8 +157,6 @@ class ThresholdRouter(TokenScorer):
         # call (see forward), and the tokens routed, dropped for capacity and valid since `take_fractions`.
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._counts: torch.Tensor | None = None
-        # Whether a training call stored statistics since the last fold: lets evaluation calls skip the fold.
-        self._folding_due = False
 
     def reference_statistics(self) -> tuple[float, float]:
         """Threshold and shift for standard normal scores: the values before any training."""
@@ -251,7 +249,6 @@ class ThresholdRouter(TokenScorer):
             self._pending = (torch.empty_like(self.threshold), torch.empty_like(self.shift), had_tokens.clone())
         for kept, new in zip(self._pending, (*statistics, had_tokens)):
             kept.copy_(new)
-        self._folding_due = True
 
     def discard_pending_statistics(self) -> None:
         """Forget the statistics of the last training call (one whose scores must not move the running ones)."""
@@ -260,12 +257,11 @@ class ThresholdRouter(TokenScorer):
 
     @torch.no_grad()
     def _apply_pending_statistics(self) -> None:
-        # In training always (a replayed CUDA graph stores statistics without this Python code running; the device
-        # flag says whether any are pending); in evaluation only after an eager training call, so that decoding
-        # steps skip it.
-        if self._pending is None or not (self.training or self._folding_due):
+        # In training mode always (a replayed CUDA graph stores statistics without this Python code running; the
+        # device flag says whether any are pending), never in evaluation: `train(False)` has folded them already (it
+        # runs this while still in training mode), and decoding steps skip the work.
+        if self._pending is None or not self.training:
             return
-        self._folding_due = False
         if self._pending[0].device != self.threshold.device:  # the module moved since the last training call
             self._pending = tuple(t.to(self.threshold.device) for t in self._pending)
         threshold, shift, pending = self._pending

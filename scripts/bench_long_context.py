@@ -584,13 +584,12 @@ def main() -> None:
     for kind in kinds:
         for n in args.lengths:
             torch.manual_seed(n)
-            graph = True
-            rows = {"ours": measure_layer(ours(kind, n), n, dtype, device, graph)}
+            rows = {"ours": measure_layer(ours(kind, n), n, dtype, device, graph=True)}
             if kind in ("causal attention", "causal block"):
                 torch.manual_seed(n)
                 with heavy_attention_by_copies():
-                    rows["copies"] = measure_layer(ours(kind, n), n, dtype, device, graph)
-            rows["dense"] = measure_layer(dense(kind), n, dtype, device, graph)
+                    rows["copies"] = measure_layer(ours(kind, n), n, dtype, device, graph=True)
+            rows["dense"] = measure_layer(dense(kind), n, dtype, device, graph=True)
             if not args.no_reference and (module := reference(kind, n)) is not None:
                 rows["reference"] = measure_layer(module, n, torch.float32, device)
             floor = floor_ms(kind, n, rates, backward=True)
