@@ -75,6 +75,8 @@ _STATE_TENSORS = (
     "memory_weights", "memory_mask", "memory_index", "block_index", "block_fill", "heavy_keys", "heavy_values",
     "heavy_mask", "counts", "seen",
 )
+# Made by the per-token routers at their first call (`router_statistics`), None for routers on raw scores.
+_ROUTER_STATISTICS = ("query_router_statistics", "feedforward_router_statistics")
 
 
 class CoLT5CacheLayer(CacheLayerMixin):
@@ -94,6 +96,9 @@ class CoLT5CacheLayer(CacheLayerMixin):
         `(batch, heavy_heads, memory_size + block_size)` the slots a query may attend to.
     counts: `(batch,)` valid tokens seen per sample; seen: `()` tokens seen (device copies of `valid_counts` and
         `seen_tokens`, the host's).
+    query_router_statistics, feedforward_router_statistics: `(batch, 3)` float64 (count, sum, sum of squares)
+        of the per-token routers' raw scores over each sample's valid tokens, which prefix-standardised routing
+        continues from (see `router_statistics`); None for a router on raw scores or without one.
     version: changes whenever a tensor is replaced rather than written in place (a captured CUDA graph that
         reads the old tensors is then stale).
     """
@@ -109,7 +114,7 @@ class CoLT5CacheLayer(CacheLayerMixin):
         self.version = 0
         # Set by a CUDA-graph runner that does the host part of each step (`begin_token`) itself.
         self.tokens_begun_outside = False
-        for name in _STATE_TENSORS:
+        for name in _STATE_TENSORS + _ROUTER_STATISTICS:
             setattr(self, name, None)
 
     # --------------------------------------------------------------------------------- transformers' interface
@@ -142,9 +147,9 @@ class CoLT5CacheLayer(CacheLayerMixin):
         if not self.is_filled:
             return
         # In place: the batch keeps its size, and a captured decode graph keeps reading the same tensors.
-        for name in _STATE_TENSORS:
+        for name in _STATE_TENSORS + _ROUTER_STATISTICS:
             tensor = getattr(self, name)
-            if tensor.dim() > 0:
+            if tensor is not None and tensor.dim() > 0:
                 tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
         self.valid_counts = [self.valid_counts[i] for i in beam_idx.tolist()]
 
@@ -166,13 +171,24 @@ class CoLT5CacheLayer(CacheLayerMixin):
     def _replace_batch(self, batch_fn: Callable[[torch.Tensor], torch.Tensor], counts_fn) -> None:
         if not self.is_filled:
             return
-        for name in _STATE_TENSORS:
+        for name in _STATE_TENSORS + _ROUTER_STATISTICS:
             tensor = getattr(self, name)
-            setattr(self, name, batch_fn(tensor) if tensor.dim() > 0 else tensor)
+            if tensor is not None:
+                setattr(self, name, batch_fn(tensor) if tensor.dim() > 0 else tensor)
         self.valid_counts = counts_fn(self.valid_counts)
         self.version += 1
 
     # --------------------------------------------------------------------------------- the decode state
+    def router_statistics(self, router: str, batch: int, device: torch.device) -> torch.Tensor:
+        """The `(batch, 3)` float64 prefix statistics of the layer's "query" or "feedforward" router, which the
+        router updates in place; zeros (no token yet) at the first call."""
+        name = f"{router}_router_statistics"
+        if name not in _ROUTER_STATISTICS:
+            raise ValueError(f"router must be 'query' or 'feedforward', got {router!r}.")
+        if getattr(self, name) is None:
+            setattr(self, name, torch.zeros(batch, 3, dtype=torch.float64, device=device))
+        return getattr(self, name)
+
     def prefill(
         self,
         settings: RoutedMemorySettings,

@@ -66,7 +66,8 @@ class CausalRoutedAttention(TwoBranchAttention):
             `CoordinateDescentRouter`; here the default is the exact soft top-k at eps 1 without straight-through);
             the query router uses fetch_ratio, eps and straight_through. `random_routing` (both routers score at
             random, an ablation control; see `TokenScorer`).
-        router_momentum: moving-average weight of the query router's statistics.
+        router_prefix_normalization: the query router thresholds prefix-standardised scores (see `ThresholdRouter`).
+        router_momentum: moving-average weight of the query router's statistics (None: the router's default).
         router_capacity_factor, router_capacity_burst: in training, each block has `ceil(router_capacity_factor *
             routed_query_fraction * block_size) + router_capacity_burst` heavy query slots (at most block_size;
             static shapes, no host synchronisation); routed tokens beyond them are dropped (see
@@ -96,7 +97,8 @@ class CausalRoutedAttention(TwoBranchAttention):
         rotary_theta: float = 10000.0,
         dropout: float = 0.0,
         router_kwargs: dict[str, Any] | None = None,
-        router_momentum: float = 0.05,
+        router_prefix_normalization: bool = True,
+        router_momentum: float | None = None,
         router_capacity_factor: float | None = 1.5,
         router_capacity_burst: int = 64,
         rotary_emb: bool = True,
@@ -154,6 +156,7 @@ class CausalRoutedAttention(TwoBranchAttention):
             fetch_ratio=self.memory_route_kwargs["fetch_ratio"],
             eps=self.memory_route_kwargs["eps"],
             straight_through=self.memory_route_kwargs["straight_through"],
+            prefix_normalization=router_prefix_normalization,
             momentum=router_momentum,
             capacity_factor=router_capacity_factor,
             capacity_burst=router_capacity_burst,
@@ -196,7 +199,7 @@ class CausalRoutedAttention(TwoBranchAttention):
         if position_ids is None:
             position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0)
         light, (light_keys, light_values) = self._light_full(x, mask, position_ids)
-        heavy, kept = self._heavy_full(x, valid, position_ids, keep_state=cache_layer is not None)
+        heavy, kept = self._heavy_full(x, valid, position_ids, cache_layer)
         if cache_layer is not None:
             cache_layer.prefill(
                 self.cache_settings(), light_keys=light_keys, light_values=light_values, valid=valid, **kept
@@ -214,12 +217,16 @@ class CausalRoutedAttention(TwoBranchAttention):
             route_kwargs=self.memory_route_kwargs,
         )
 
-    def _gate(self, x: torch.Tensor, valid: torch.Tensor) -> GateOutput:
+    def _gate(self, x: torch.Tensor, valid: torch.Tensor, cache_layer: CoLT5CacheLayer | None) -> GateOutput:
         """The heavy queries among `(batch, n, dim)` tokens (`valid` `(batch, n)` bool): the query router's
-        decisions, or every valid token with weight 1 when there is no router."""
+        decisions (continuing the prefix statistics `cache_layer` carries), or every valid token with weight 1
+        when there is no router."""
         if self.q_router is None:
             return GateOutput(valid, valid.to(x.dtype))
-        return self.q_router(x, valid)
+        statistics = None
+        if cache_layer is not None and self.q_router.prefix_normalization:
+            statistics = cache_layer.router_statistics("query", x.shape[0], x.device)
+        return self.q_router(x, valid, statistics)
 
     # ------------------------------------------------------------------------------------------------ light
     def _light_full(self, x: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor):
@@ -250,7 +257,9 @@ class CausalRoutedAttention(TwoBranchAttention):
             q = q * weights.to(q.dtype).unsqueeze(1).unsqueeze(-1)
         return q
 
-    def _heavy_full(self, x: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor, keep_state: bool):
+    def _heavy_full(
+        self, x: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor, cache_layer: CoLT5CacheLayer | None
+    ):
         batch, length, dim = x.shape
         block, blocks = self.block_size, math.ceil(length / self.block_size)
         keys, values = self._keys_values(x, position_ids)
@@ -262,7 +271,7 @@ class CausalRoutedAttention(TwoBranchAttention):
         order = F.pad(order, (0, blocks * block - length)).view(batch, blocks, block)
         in_block = (torch.arange(blocks * block, device=x.device) < valid.sum(-1, keepdim=True)).view_as(order)
 
-        gate = self._gate(x, valid)
+        gate = self._gate(x, valid, cache_layer)
         routed_in_block = gate.routed.gather(1, order.flatten(1)).view_as(order) & in_block
         capacity = None if self.q_router is None else self.q_router.capacity(block)
         if self.q_router is None:
@@ -311,7 +320,7 @@ class CausalRoutedAttention(TwoBranchAttention):
             out = out * (query_weights * query_valid.flatten(1)).to(out.dtype).unsqueeze(-1)
             heavy = heavy.scatter_add(1, query_tokens.unsqueeze(-1).expand_as(out), out)
         heavy = heavy + self._unrouted(gate.routed, x.dtype)
-        if not keep_state:
+        if cache_layer is None:
             return heavy, None
 
         # The decode state continues from each sample's last block (the one its next token may still belong to).
@@ -347,7 +356,7 @@ class CausalRoutedAttention(TwoBranchAttention):
             light_q, cache_layer.light_keys, cache_layer.light_values, cache_layer.light_mask[:, None, None]
         )
         light = self.light_o_proj(rearrange(light, "b h n e -> b n (h e)"))
-        gate = self._gate(x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device))
+        gate = self._gate(x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), cache_layer)
         q = self._routed_queries(x, torch.zeros_like(position_ids), position_ids, gate.weights)
         keys, values, allowed = self._with_null_kv(
             cache_layer.heavy_keys, cache_layer.heavy_values, cache_layer.heavy_mask.unsqueeze(2)

@@ -79,8 +79,14 @@ class CoLT5Config(PreTrainedConfig):
             routing, and a routed key/value memory per block.
         causal_block_size: with `is_causal`, the key/value memory is re-routed every this many tokens; a routed
             query attends to its block's memory and to every earlier token of its own block.
+        causal_router_prefix_normalization: with `is_causal`, the per-token routers threshold each score
+            standardised by the mean and variance of its sample's scores up to it, which keeps the routed share at
+            its target while training moves all scores at once (see `ThresholdRouter`). False: raw scores, the
+            routing of checkpoints saved before this option. None: True for a new config, False for one loaded
+            from a file that lacks the key (saved before the option existed).
         causal_router_momentum: with `is_causal`, the weight of each training batch in the moving averages of the
-            per-token routers' thresholds.
+            per-token routers' thresholds; None: the routers' default (0.2 with prefix normalization, 0.05
+            without).
         causal_router_capacity_factor, causal_router_capacity_burst: with `is_causal`, in training each per-token
             router's heavy branch takes at most `ceil(factor * fraction * n) + burst` tokens of a sample (the
             feedforward) or of a block (the queries), chosen by a causal token bucket, so that a training step has
@@ -144,7 +150,8 @@ class CoLT5Config(PreTrainedConfig):
     max_position_embeddings: int = 16384
     is_causal: bool = False
     causal_block_size: int = 1024
-    causal_router_momentum: float = 0.05
+    causal_router_prefix_normalization: bool | None = None
+    causal_router_momentum: float | None = None
     causal_router_capacity_factor: float | None = 1.5
     causal_router_capacity_burst: int = 64
     cuda_graph_decoding: bool = True
@@ -172,6 +179,10 @@ class CoLT5Config(PreTrainedConfig):
             self.num_decoder_layers = self.num_hidden_layers
         if self.is_encoder_decoder and self.decoder_start_token_id is None:
             self.decoder_start_token_id = self.pad_token_id
+        if self.causal_router_prefix_normalization is None:
+            # A file saved before the option carries transformers_version and every other field: its weights were
+            # trained on raw scores. A new config (no transformers_version yet) takes the better routing.
+            self.causal_router_prefix_normalization = self.transformers_version is None
         self._validate_colt5()
         super().__post_init__(**kwargs)
         if getattr(self, "auto_map", None) is None:
@@ -251,7 +262,7 @@ class CoLT5Config(PreTrainedConfig):
             raise ValueError(
                 f"pad_token_id must be None or in [0, vocab_size={self.vocab_size}), got {self.pad_token_id}."
             )
-        if not 0 < self.causal_router_momentum <= 1:
+        if self.causal_router_momentum is not None and not 0 < self.causal_router_momentum <= 1:
             raise ValueError(f"causal_router_momentum must be in (0, 1], got {self.causal_router_momentum}.")
         validate_capacity(
             "causal_router_capacity_factor",

@@ -288,7 +288,9 @@ def from_colt5_attention(module: nn.Module, **kwargs: Any) -> nn.Module:
             **_light_kwargs(module.light_attn),
             **_heavy_kwargs(module),
         )
-        own = ("q_router.threshold", "q_router.shift")  # the per-token router's statistics have no counterpart
+        # The per-token router's running statistics (and, with prefix normalization, the prior of its prefix
+        # statistics) have no counterpart: the layer keeps its initial ones.
+        own = ("q_router.threshold", "q_router.shift", "q_router.score_mean", "q_router.score_var", "q_router.updates")
     elif kind == "ConditionalRoutedViT":
         return _vit(module, weights, kwargs)
     else:

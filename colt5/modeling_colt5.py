@@ -93,6 +93,7 @@ class CoLT5CausalLayer(CausalRoutedTransformerBlock, GradientCheckpointingLayer)
             memory_size=config.routed_memory_size(),
             block_size=config.causal_block_size,
             router_kwargs={k: v for k, v in config.router_kwargs().items() if k != "route_block_size"},
+            router_prefix_normalization=config.causal_router_prefix_normalization,
             router_momentum=config.causal_router_momentum,
             router_capacity_factor=config.causal_router_capacity_factor,
             router_capacity_burst=config.causal_router_capacity_burst,
@@ -123,6 +124,10 @@ class CoLT5PreTrainedModel(PreTrainedModel):
             threshold, shift = module.reference_statistics()
             init.constant_(module.threshold, threshold)
             init.constant_(module.shift, shift)
+            if module.prefix_normalization:
+                init.zeros_(module.score_mean)
+                init.ones_(module.score_var)
+                init.zeros_(module.updates)
         if isinstance(module, (ConditionalRoutedAttention, CausalRoutedAttention)) and module.unrouted_output is not None:
             init.zeros_(module.unrouted_output)
 

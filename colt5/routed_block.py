@@ -198,10 +198,13 @@ class CausalRoutedTransformerBlock(_PreNormResidualBlock):
         attention_dropout: attention-probability dropout.
         router_kwargs: soft top-k settings (fetch_ratio, eps, n_iters, eps_schedule, straight_through) and
             random_routing.
-        router_momentum: moving-average weight of the per-token routers' statistics.
+        router_prefix_normalization: the per-token routers threshold prefix-standardised scores (see
+            `ThresholdRouter`).
+        router_momentum: moving-average weight of the per-token routers' statistics (None: the routers' default).
         router_capacity_factor, router_capacity_burst: in training, the per-token routers' heavy branches take at
             most `ceil(factor * fraction * n) + burst` tokens of a row (see `ThresholdRouter`); factor None: no
             limit.
+        layer_idx: the block's index in a `CoLT5Cache` (its `CoLT5CacheLayer` holds the block's decode state).
         **attention_kwargs: the rest of `CausalRoutedAttention`'s settings (heads, window, routing options).
     """
 
@@ -220,9 +223,11 @@ class CausalRoutedTransformerBlock(_PreNormResidualBlock):
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
         router_kwargs: dict[str, Any] | None = None,
-        router_momentum: float = 0.05,
+        router_prefix_normalization: bool = True,
+        router_momentum: float | None = None,
         router_capacity_factor: float | None = 1.5,
         router_capacity_burst: int = 64,
+        layer_idx: int = 0,
         **attention_kwargs: Any,
     ):
         router_kwargs = dict(router_kwargs or {})
@@ -233,9 +238,11 @@ class CausalRoutedTransformerBlock(_PreNormResidualBlock):
             block_size=block_size,
             dropout=attention_dropout,
             router_kwargs=router_kwargs,
+            router_prefix_normalization=router_prefix_normalization,
             router_momentum=router_momentum,
             router_capacity_factor=router_capacity_factor,
             router_capacity_burst=router_capacity_burst,
+            layer_idx=layer_idx,
             **attention_kwargs,
         )
         feedforward = CausalRoutedFeedForward(
@@ -251,10 +258,12 @@ class CausalRoutedTransformerBlock(_PreNormResidualBlock):
                 straight_through=attention.memory_route_kwargs["straight_through"],
                 random_routing=attention.kv_router.random_routing,
                 cosine_sim_scale=attention.kv_router.cosine_sim_scale,
+                prefix_normalization=router_prefix_normalization,
                 momentum=router_momentum,
                 capacity_factor=router_capacity_factor,
                 capacity_burst=router_capacity_burst,
             ),
+            layer_idx=layer_idx,
         )
         super().__init__(dim, norm_eps, dropout, attention, feedforward)
 
@@ -268,4 +277,4 @@ class CausalRoutedTransformerBlock(_PreNormResidualBlock):
         """`hidden_states` `(batch, n, dim)`, `attention_mask` `(batch, n)` bool (False = padding),
         `position_ids` `(batch, n)`, `cache` as in `CausalRoutedAttention.forward` -> `(batch, n, dim)`."""
         attended = self.attention(self.attention_norm(hidden_states), attention_mask, position_ids, cache=cache)
-        return self._add_branches(hidden_states, attended, attention_mask)
+        return self._add_branches(hidden_states, attended, attention_mask, cache=cache)

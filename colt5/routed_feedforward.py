@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cache_colt5 import CoLT5Cache
 from .causal_router import ThresholdRouter
 from .router import (
     CoordinateDescentRouter,
@@ -146,9 +147,11 @@ class CausalRoutedFeedForward(nn.Module):
         fraction: target share of tokens routed to the heavy MLP, in (0, 1].
         light_hidden_dim, heavy_hidden_dim: MLP widths (default dim / 2 and 4 * dim).
         activation: the MLPs' activation (default tanh-approximated GELU).
-        router_kwargs: `ThresholdRouter` settings (fetch_ratio, eps, straight_through, momentum, capacity_factor,
-            capacity_burst, random_routing). In training the heavy MLP takes at most `ceil(capacity_factor *
-            fraction * n) + capacity_burst` tokens per sample (see `ThresholdRouter`).
+        router_kwargs: `ThresholdRouter` settings (fetch_ratio, eps, straight_through, prefix_normalization,
+            momentum, capacity_factor, capacity_burst, random_routing). In training the heavy MLP takes at most
+            `ceil(capacity_factor * fraction * n) + capacity_burst` tokens per sample (see `ThresholdRouter`).
+        layer_idx: the layer's index in a `CoLT5Cache`: with prefix normalization its `CoLT5CacheLayer` carries
+            the router's prefix statistics from one call to the next.
     """
 
     def __init__(
@@ -160,15 +163,25 @@ class CausalRoutedFeedForward(nn.Module):
         heavy_hidden_dim: int | None = None,
         activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
         router_kwargs: dict[str, Any] | None = None,
+        layer_idx: int = 0,
     ):
         super().__init__()
         self.light_mlp = GatedMLP(dim, light_hidden_dim or dim // 2, activation)
         self.heavy_mlp = GatedMLP(dim, heavy_hidden_dim or 4 * dim, activation)
         self.router = ThresholdRouter(dim, fraction, **(router_kwargs or {}))
+        self.layer_idx = layer_idx
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`x` `(batch, n, dim)`, `mask` `(batch, n)` bool (False = padding, never routed) -> `(batch, n, dim)`."""
-        gate = self.router(x, mask)
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: CoLT5Cache | None = None
+    ) -> torch.Tensor:
+        """`x` `(batch, n, dim)`, `mask` `(batch, n)` bool (False = padding, never routed) -> `(batch, n, dim)`.
+
+        `cache`: the state of the previous tokens (`cache.layers[layer_idx]` carries the router's prefix
+        statistics, updated in place); None: the sequences start here."""
+        statistics = None
+        if cache is not None and self.router.prefix_normalization:
+            statistics = cache.layers[self.layer_idx].router_statistics("feedforward", x.shape[0], x.device)
+        gate = self.router(x, mask, statistics)
         light = self.light_mlp(x)
         if x.shape[1] == 1:
             # Decoding: one token per sample. Weighting all of them (0 where not routed) avoids the device sync of

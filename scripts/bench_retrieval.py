@@ -152,7 +152,9 @@ def build_models(
         make = lambda **extra: EncoderWithHead(CoLT5Model(CoLT5Config(**colt5, **extra)), width, vocab)  # noqa: E731
     models["colt5"] = make()
     models["colt5 random routing"] = make(random_routing=True)
-    light_only = make()
+    # Its feedforward routers on raw scores: prefix-standardised ones would let each token's routing depend on the
+    # scores of the whole prefix, an information path beyond the light windows that this control must not have.
+    light_only = make(causal_router_prefix_normalization=False) if causal else make()
     backbone = light_only.model if causal else light_only.encoder
     for layer in backbone.layers:
         layer.attention = LightOnlyAttention(layer.attention)
@@ -286,7 +288,7 @@ def routing_report(model: nn.Module, prompts: PasskeyPrompts, lengths: list[int]
             valid = torch.ones_like(ids, dtype=torch.bool)
             for index, (attention, x) in enumerate(zip(layers, inputs)):
                 with autocast:
-                    gate = attention._gate(x, valid)
+                    gate = attention._gate(x, valid, None)
                     memory = route_block_memory(attention.kv_router.scores(x), valid, attention.block_size,
                                                 attention.memory_size, **attention.memory_route_kwargs)
                 block = position // attention.block_size

@@ -10,10 +10,10 @@ from colt5 import CausalRoutedAttention, CoLT5Cache
 DIM, BLOCK, MEMORY, WINDOW = 32, 8, 5, 4
 
 
-def make_layer() -> CausalRoutedAttention:
+def make_layer(routed_query_fraction: float = 1.0) -> CausalRoutedAttention:
     torch.manual_seed(0)
     return CausalRoutedAttention(
-        DIM, routed_query_fraction=1.0, memory_size=MEMORY, block_size=BLOCK, light_heads=2, light_dim_head=8,
+        DIM, routed_query_fraction=routed_query_fraction, memory_size=MEMORY, block_size=BLOCK, light_heads=2, light_dim_head=8,
         light_window_size=WINDOW, heavy_heads=4, heavy_dim_head=8, num_routed_kv=2,
     ).eval()
 
@@ -46,8 +46,30 @@ def test_appended_tokens_land_where_a_longer_prefill_puts_them():
     assert int(a.block_fill[0]) == 15 - BLOCK
 
 
+def test_the_query_router_statistics_are_those_of_the_valid_scores():
+    """(count, sum, sum of squares) of the query router's raw scores over each sample's valid tokens, after a
+    prefill and after an appended token (float64 sums of float32 scores, within 1e-9 relative); a layer with
+    every token a query has no router and keeps none."""
+    layer = make_layer(routed_query_fraction=0.5)
+    x = torch.randn(2, 12, DIM)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, :3] = False
+    cache = CoLT5Cache(num_hidden_layers=1)
+    with torch.no_grad():
+        layer(x[:, :11], mask[:, :11], cache=cache)
+        layer(x[:, 11:], cache=cache)
+        scores = layer.q_router.scores(x)[:, 0].double() * mask
+    expected = torch.stack((mask.double().sum(1), scores.sum(1), scores.square().sum(1)), 1)
+    torch.testing.assert_close(cache.layers[0].query_router_statistics, expected, rtol=1e-9, atol=1e-9)
+
+    every_query = CoLT5Cache(num_hidden_layers=1)
+    with torch.no_grad():
+        make_layer()(x, mask, cache=every_query)
+    assert every_query.layers[0].query_router_statistics is None
+
+
 def test_reordering_works_in_place_and_batch_changes_replace_the_tensors():
-    layer = make_layer()
+    layer = make_layer(routed_query_fraction=0.5)
     x = torch.randn(3, 11, DIM)
     mask = torch.ones(3, 11, dtype=torch.bool)
     mask[2, :4] = False
@@ -55,7 +77,8 @@ def test_reordering_works_in_place_and_batch_changes_replace_the_tensors():
     with torch.no_grad():
         layer(x, mask, cache=cache)
     cache_layer = cache.layers[0]
-    before = {name: getattr(cache_layer, name).clone() for name in ("heavy_keys", "scores", "counts")}
+    names = ("heavy_keys", "scores", "counts", "query_router_statistics")
+    before = {name: getattr(cache_layer, name).clone() for name in names}
     pointers, version = cache_layer.heavy_keys.data_ptr(), cache_layer.version
     cache.reorder_cache(torch.tensor([2, 0, 1]))
     assert cache_layer.heavy_keys.data_ptr() == pointers and cache_layer.version == version
@@ -68,6 +91,8 @@ def test_reordering_works_in_place_and_batch_changes_replace_the_tensors():
     cache.batch_repeat_interleave(2)
     assert cache.valid_counts == [7, 7, 11, 11] and cache_layer.counts.tolist() == [7, 7, 11, 11]
     assert cache_layer.version == version + 2
+    # The router statistics follow their samples: [2, 0, 1] -> select [0, 2] -> repeat twice.
+    assert torch.equal(cache_layer.query_router_statistics, before["query_router_statistics"][[2, 2, 1, 1]])
 
 
 def test_a_reset_cache_is_empty():

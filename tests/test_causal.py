@@ -30,7 +30,7 @@ from colt5 import (
     route,
 )
 from colt5.cache_colt5 import CACHE_NAME
-from colt5.causal_router import gate_statistics, within_capacity
+from colt5.causal_router import gate_statistics, prefix_standardised_scores, within_capacity
 
 VOCAB = 384  # ByT5's vocabulary size: 3 special tokens, 256 bytes, 125 extra ids
 DIM = 64  # hidden_size of the conftest TINY_CONFIG
@@ -644,15 +644,24 @@ def eval_fractions(model, ids, mask=None):
     return routed_fractions(records)
 
 
-def test_routers_route_the_target_fraction_after_training(causal_config):
+@pytest.mark.parametrize("prefix_normalization", [True, False])
+def test_routers_route_the_target_fraction_after_training(causal_config, prefix_normalization):
     """40 AdamW steps (lr 1e-2) then 30 forward passes in train mode with the weights frozen (the running
     statistics settle on the final weights); on fresh, partly padded data in eval mode every ThresholdRouter
-    routes 25% of the valid tokens within 25% (relative), and its threshold moved away from the initial one."""
-    model = CoLT5ForCausalLM(causal_config(initializer_range=0.02, causal_router_momentum=0.2))
+    routes 25% of the valid tokens within 25% (relative), and its threshold moved away from the initial one.
+    On raw scores (a router saved before prefix normalization) as on standardised ones."""
+    model = CoLT5ForCausalLM(
+        causal_config(
+            initializer_range=0.02,
+            causal_router_prefix_normalization=prefix_normalization,
+            causal_router_momentum=0.2,
+        )
+    )
     routers = {name: m for name, m in model.named_modules() if isinstance(m, ThresholdRouter)}
     assert sorted(routers) == [
         f"model.layers.{i}.{part}" for i in range(2) for part in ("attention.q_router", "feedforward.router")
     ]
+    assert all(router.prefix_normalization == prefix_normalization for router in routers.values())
     initial = {name: (r.threshold.clone(), r.shift.clone()) for name, r in routers.items()}
     loss = train_briefly(model, steps=40, lr=1e-2)
     assert torch.isfinite(loss)
@@ -669,27 +678,111 @@ def test_routers_route_the_target_fraction_after_training(causal_config):
         assert (routers[name].threshold - initial[name][0]).abs() > 1e-3, f"{name}: threshold never updated"
         assert (routers[name].shift - initial[name][1]).abs() > 1e-3, f"{name}: shift never updated"
 
-    # The check can fail: with the initial thresholds back, the trained model routes far from the target.
+    # The check can fail: with thresholds half a standard deviation (of standardised scores; of the initial raw
+    # ones) too high, the trained model routes far from the target.
     with torch.no_grad():
         for name, router in routers.items():
-            router.threshold.copy_(initial[name][0])
+            router.threshold.add_(0.5)
     stale = eval_fractions(model, ids, mask)
     assert max(abs(fraction - TARGET) for fraction in stale.values()) > 0.25 * TARGET, stale
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known weakness (README, 'Not yet here'): the ThresholdRouter's running threshold lags the scores, which "
-    "drift as a whole during training (the router weights exp(min(0, s + shift)) reward raising every score), so right after a short "
-    "training run a router routes far more or fewer tokens than its target.",
-)
-def test_routers_route_the_target_fraction_right_after_training(causal_config):
-    """Measured right after 40 AdamW steps (lr 1e-2 decayed linearly to 0) with the default momentum (0.05)."""
-    model = CoLT5ForCausalLM(causal_config(initializer_range=0.02))
-    train_briefly(model, steps=40, lr=1e-2)
-    fractions = eval_fractions(model, random_ids(32, 128))
-    assert all(abs(f - TARGET) <= 0.25 * TARGET for f in fractions.values()), fractions
+@pytest.mark.parametrize("seed", [0, 1])
+def test_standardised_routers_route_the_target_fraction_right_after_training(causal_config, seed):
+    """Measured right after 40 AdamW steps (lr 1e-2 decayed linearly to 0), with no settling passes: training
+    moves every token's score along the routing vector at once, which standardising each score by its sample's
+    prefix removes. Every router routes 25% within 25% (relative; 6 of 6 seeds did when this was written). On raw
+    scores, trained the same way, some router routes far from its target (6 of 6 seeds: between 2% and 92%)."""
+    fractions = {}
+    for prefix_normalization in (True, False):
+        torch.manual_seed(seed)
+        model = CoLT5ForCausalLM(
+            causal_config(initializer_range=0.02, causal_router_prefix_normalization=prefix_normalization)
+        )
+        train_briefly(model, steps=40, lr=1e-2)
+        fractions[prefix_normalization] = eval_fractions(model, random_ids(32, 128))
+    assert all(abs(f - TARGET) <= 0.25 * TARGET for f in fractions[True].values()), fractions[True]
+    assert any(abs(f - TARGET) > 0.5 * TARGET for f in fractions[False].values()), fractions[False]
+
+
+def prefix_standardised_by_definition(scores, valid, mean, var, carried):
+    """`prefix_standardised_scores` token by token: the mean and variance of the prior pseudo-tokens, the
+    carried tokens and the valid scores up to t (float64)."""
+    out = torch.empty_like(scores)
+    for b in range(scores.shape[0]):
+        count, total, squares = (float(v) for v in carried[b])
+        for t in range(scores.shape[1]):
+            if valid[b, t]:
+                count, total, squares = count + 1, total + scores[b, t], squares + scores[b, t] ** 2
+            n = count + 4
+            m = (total + 4 * mean) / n
+            v = (squares + 4 * (var + mean**2)) / n - m**2
+            out[b, t] = (scores[b, t] - m) / math.sqrt(v)
+    return out
+
+
+def test_prefix_standardised_scores_follow_their_definition():
+    """Against the token-by-token definition (float64, within 1e-10): scores of mean 3 and spread 2, left
+    padding, carried statistics; a call split in two with the first call's totals carried gives the same scores;
+    the gradient (float64 gradcheck) and causality (the scores up to t do not move with a later score)."""
+    scores = 3 + 2 * torch.randn(3, 12, dtype=torch.float64)
+    valid = torch.ones(3, 12, dtype=torch.bool)
+    valid[1, :5] = False
+    carried = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [6.0, 15.0, 50.0]], dtype=torch.float64)
+    mean, var = torch.tensor(0.5, dtype=torch.float64), torch.tensor(1.5, dtype=torch.float64)
+    z, totals = prefix_standardised_scores(scores, valid, mean, var, carried)
+    expected = prefix_standardised_by_definition(scores, valid, 0.5, 1.5, carried)
+    assert torch.allclose(z[valid], expected[valid], rtol=0, atol=1e-10)
+    weights = valid.double()
+    assert torch.allclose(totals, torch.stack((weights.sum(1), (scores * weights).sum(1), (scores**2 * weights).sum(1)), 1))
+
+    first, first_totals = prefix_standardised_scores(scores[:, :7], valid[:, :7], mean, var, carried)
+    second, _ = prefix_standardised_scores(scores[:, 7:], valid[:, 7:], mean, var, carried + first_totals)
+    assert torch.allclose(torch.cat((first, second), 1)[valid], z[valid], rtol=0, atol=1e-10)
+
+    leaf = scores.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda s: prefix_standardised_scores(s, valid, mean, var, carried)[0], (leaf,))
+    moved = scores.clone()
+    moved[:, 8] += 5
+    assert torch.equal(prefix_standardised_scores(moved, valid, mean, var, carried)[0][:, :8], z[:, :8])
+
+
+def test_the_first_training_batches_are_averaged_with_equal_weights():
+    """With prefix normalization, the k-th folded batch weighs max(momentum, 1 / (k + 1)): after one batch the
+    running statistics are that batch's (threshold of its standardised scores, mean and variance of its raw
+    ones), after two their mean; a batch of padding only counts for nothing."""
+    router = ThresholdRouter(DIM, TARGET, momentum=0.2).train()
+    batches = [torch.randn(2, 40, DIM) for _ in range(2)]
+    expected = []
+    for x in batches:
+        raw = router.scores(x)[:, 0].detach().double()
+        z, _ = prefix_standardised_scores(raw, None, router.score_mean, router.score_var)
+        expected.append((gate_statistics(z.flatten(), TARGET)[0], raw.mean(), raw.var(unbiased=False)))
+        router(x)
+        router(x, torch.zeros(2, 40, dtype=torch.bool))  # folds x's statistics; its own are empty
+        router.train()  # folds them (nothing)
+        if len(expected) == 1:
+            assert int(router.updates) == 1
+            for running, batch in zip((router.threshold, router.score_mean, router.score_var), expected[0]):
+                torch.testing.assert_close(running.double(), batch, rtol=1e-5, atol=1e-6)
+    assert int(router.updates) == 2
+    for i, running in enumerate((router.threshold, router.score_mean, router.score_var)):
+        torch.testing.assert_close(running.double(), (expected[0][i] + expected[1][i]) / 2, rtol=1e-5, atol=1e-6)
+    # Later batches weigh the momentum.
+    for _ in range(10):
+        router(batches[0])
+    router.train()
+    assert int(router.updates) == 12
+
+
+def test_a_router_state_dict_of_the_other_routing_is_refused_with_the_setting_it_needs():
+    raw = CausalRoutedFeedForward(DIM, fraction=TARGET, router_kwargs={"prefix_normalization": False})
+    standardised = CausalRoutedFeedForward(DIM, fraction=TARGET)
+    with pytest.raises(RuntimeError, match=r"router was saved with prefix_normalization=False.*build it with "):
+        standardised.load_state_dict(raw.state_dict())
+    with pytest.raises(RuntimeError, match=r"prefix_normalization=True"):
+        raw.load_state_dict(standardised.state_dict())
+    standardised.load_state_dict(CausalRoutedFeedForward(DIM, fraction=TARGET).state_dict())
 
 
 @pytest.mark.parametrize("fraction", [0.125, 0.5, 0.95])  # 0.95: 9/8 of it covers every valid token
@@ -895,6 +988,10 @@ def distinctive_router_statistics(model):
         ):
             router.threshold.fill_(0.3 + 0.1 * i)
             router.shift.fill_(-1.2 - 0.1 * i)
+            if router.prefix_normalization:
+                router.score_mean.fill_(0.7 - 0.1 * i)
+                router.score_var.fill_(2.0 + 0.1 * i)
+                router.updates.fill_(100 + i)
             values[name] = (router.threshold.clone(), router.shift.clone())
     return values
 
@@ -910,6 +1007,7 @@ def test_save_and_reload_generates_the_same_tokens(causal_config, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(loaded) is CoLT5ForCausalLM
     assert not loaded.training
+    assert loaded.config.causal_router_prefix_normalization is True
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
 
     saved, reloaded = model.state_dict(), loaded.state_dict()
@@ -924,6 +1022,29 @@ def test_save_and_reload_generates_the_same_tokens(causal_config, tmp_path):
 
     prompt = random_ids(2, 20)
     settings = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    assert torch.equal(loaded.generate(prompt, **settings), model.generate(prompt, **settings))
+
+
+def test_a_checkpoint_saved_before_prefix_normalization_loads_with_raw_routing(causal_config, tmp_path):
+    """A config.json written before the option (no causal_router_prefix_normalization key, momentum 0.05) loads
+    as routing on raw scores, with its weights and running statistics and no missing buffer, and generates what
+    the model that saved it did."""
+    import json
+
+    model = CoLT5ForCausalLM(
+        causal_config(causal_router_prefix_normalization=False, causal_router_momentum=0.05)
+    ).eval()
+    distinctive_router_statistics(model)
+    model.save_pretrained(tmp_path)
+    saved_config = json.loads((tmp_path / "config.json").read_text())
+    del saved_config["causal_router_prefix_normalization"]
+    (tmp_path / "config.json").write_text(json.dumps(saved_config))
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert loaded.config.causal_router_prefix_normalization is False
+    assert not any(info.values()), info
+    assert all(not r.prefix_normalization for r in loaded.modules() if isinstance(r, ThresholdRouter))
+    prompt = random_ids(2, 20)
+    settings = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False)
     assert torch.equal(loaded.generate(prompt, **settings), model.generate(prompt, **settings))
 
 
