@@ -119,14 +119,16 @@ def prefix_standardised_scores(
     """
     weights = torch.ones_like(scores, dtype=torch.float64) if valid is None else valid.to(torch.float64)
     wide = scores.to(torch.float64)
-    moments = torch.stack((weights, wide * weights, wide * wide * weights), dim=-1).cumsum(1)  # (batch, n, 3)
-    totals = moments[:, -1]
+    # Scanned along the last dimension: CUDA scans an inner dimension in parallel, an outer one in one thread
+    # per row (2.5x the time of the whole feedforward layer at 32k tokens, measured on an H200).
+    moments = torch.stack((weights, wide * weights, wide * wide * weights)).cumsum(-1)  # (3, batch, n)
+    totals = moments[..., -1].T
     if carried is not None:
-        moments = moments + carried.unsqueeze(1)
+        moments = moments + carried.T.unsqueeze(-1)
     mean, var = prior_mean.to(torch.float64), prior_var.to(torch.float64)
-    count = moments[..., 0] + _PRIOR_TOKENS
-    prefix_mean = (moments[..., 1] + _PRIOR_TOKENS * mean) / count
-    prefix_var = (moments[..., 2] + _PRIOR_TOKENS * (var + mean * mean)) / count - prefix_mean * prefix_mean
+    count = moments[0] + _PRIOR_TOKENS
+    prefix_mean = (moments[1] + _PRIOR_TOKENS * mean) / count
+    prefix_var = (moments[2] + _PRIOR_TOKENS * (var + mean * mean)) / count - prefix_mean * prefix_mean
     # The prior keeps the variance positive up to rounding; the floor only guards a degenerate prior.
     z = (wide - prefix_mean) * prefix_var.clamp_min(1e-12).rsqrt()
     return z.to(scores.dtype), totals.detach()
