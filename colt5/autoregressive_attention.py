@@ -10,7 +10,8 @@ position t depends on tokens <= t only:
   query attends to are the `num_heavy_tokens_kv` best-scoring tokens before its block (re-routed once per block,
   which is what lets a cache decode with bounded state), plus the tokens of its own block up to itself;
 - `num_heavy_tokens_q` out of every `heavy_window_size` tokens sets the share of tokens routed as heavy queries,
-  decided per token by a running threshold on its own score (`ThresholdRouter`), not by a top-k over the window;
+  decided per token by a running threshold on its own score, standardised by the scores before it
+  (`ThresholdRouter`), not by a top-k over the window;
 - `light_window_size`: each token attends to the `light_window_size` tokens before it and itself (colt5-attention
   sees its own window of that size up to the token plus the whole previous window: between `light_window_size`
   and `2 * light_window_size - 1` tokens back, depending on the position in the window).
@@ -140,13 +141,18 @@ class ConditionalRoutedAutoregressiveAttention(CausalRoutedAttention):
         With a `cache` (decoding, see `CausalRoutedAttention.forward`) it fills or extends the layer's
         `CoLT5CacheLayer`. `num_heavy_tokens_kv` sets the memory size for one call without a cache; `num_heavy_tokens_q`
         can only repeat the layer's own (the query router's running threshold is kept for that share);
-        `random_route` routes this call by random scores (an ablation control).
+        `random_route` routes this call by random scores (an ablation control; without a cache).
         """
         if num_heavy_tokens_q is not None and num_heavy_tokens_q != self.num_heavy_tokens_q:
             raise ValueError(
                 f"num_heavy_tokens_q cannot change per call here ({num_heavy_tokens_q} against the layer's "
                 f"{self.num_heavy_tokens_q}): the per-token query router keeps a running threshold for the share "
                 "it was built with. Build a layer with the share you want."
+            )
+        if random_route and cache is not None:
+            raise ValueError(
+                "random_route cannot continue a cache: the cache carries the query router's prefix statistics, which "
+                "random scores would change. Route at random without a cache."
             )
         if num_heavy_tokens_kv is not None and cache is not None:
             raise ValueError(

@@ -4,7 +4,7 @@
 - `ThresholdRouter` (heavy queries, heavy feedforward): a per-token decision. A token is routed when its score
   reaches a running threshold, and weighted by the soft top-k formula `min(1, exp((s + a) / eps))` at a running
   shift `a`. Both statistics are buffers, estimated in training as moving averages of what the soft top-k of the
-  whole batch gives, so the routed fraction tracks the target while no decision looks at another token.
+  whole batch gives, so the routed fraction tracks the target while no decision looks at a later token.
   In training the heavy branch has a fixed capacity (`within_capacity`), so that its shapes are static and a
   training step needs no host synchronisation.
 - Prefix standardisation (`prefix_standardised_scores`, the default): the threshold and shift apply to each score
@@ -266,7 +266,15 @@ class ThresholdRouter(TokenScorer):
             scores, totals = prefix_standardised_scores(
                 raw, None if mask is None else mask.bool(), self.score_mean, self.score_var, prefix_statistics
             )
-            if prefix_statistics is not None and not recomputing:
+            if prefix_statistics is not None:
+                if recomputing:
+                    # The first pass has added these tokens to the statistics already, so a recomputation would
+                    # standardise by different ones and route differently.
+                    raise RuntimeError(
+                        "A ThresholdRouter with prefix normalization cannot be recomputed by activation checkpointing "
+                        "while it continues a cache: train without a cache (transformers' gradient checkpointing "
+                        "drops it), or without checkpointing."
+                    )
                 prefix_statistics.add_(totals)
         routed = scores >= self.threshold
         if mask is not None:

@@ -127,6 +127,13 @@ def test_random_route_in_training_leaves_the_query_router_statistics_alone():
     assert not torch.equal(twin.q_router.threshold, make_layer().q_router.threshold)  # the learned call counted
 
 
+def test_random_route_refuses_a_cache():
+    """The cache carries the query router's prefix statistics, which random scores must not change."""
+    layer = make_layer().eval()
+    with pytest.raises(ValueError, match="random_route cannot continue a cache"):
+        layer(torch.randn(1, 8, DIM), cache=CoLT5Cache(num_hidden_layers=1), random_route=True)
+
+
 def test_router_keywords_without_meaning_are_clear_errors_here_too():
     for keyword in ({"triton_checkpoint_segments": 4}, {"learned_routing_tokens": True}):
         with pytest.raises(ValueError, match="has no meaning in colt5"):

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import AutoModelForCausalLM, ByT5Tokenizer, DynamicCache, pipeline
 
 from colt5 import (
@@ -395,6 +396,19 @@ def step_logits(model, ids, prompt_length, chunk=1, cache=None):
     return torch.cat(logits, dim=1), cache
 
 
+@pytest.mark.parametrize("prefix_normalization", [True, False])
+def test_cached_logits_match_the_full_forward_with_distinctive_router_statistics(causal_config, prefix_normalization):
+    """As below with every router's threshold, shift and (prefix-standardised) prior away from the initial ones, as
+    after training: the cache carries what the full forward pass computes from them."""
+    model = CoLT5ForCausalLM(causal_config(causal_router_prefix_normalization=prefix_normalization)).eval()
+    distinctive_router_statistics(model)
+    ids = distinct_ids(2, 72)
+    with torch.no_grad():
+        full = model(ids).logits
+    cached, _ = step_logits(model, ids, 20, 7)
+    assert relative_error(cached, full) <= CACHE_RTOL
+
+
 @pytest.mark.parametrize(
     "prompt_length, chunk, overrides",
     [
@@ -409,6 +423,7 @@ def step_logits(model, ids, prompt_length, chunk=1, cache=None):
         (16, 1, dict(num_kv_routing_sets=1)),
         (20, 1, dict(routed_query_tokens=1.0)),
         (20, 7, dict(routed_query_tokens=1.0)),
+        (20, 7, dict(causal_router_prefix_normalization=False)),  # raw scores (configs saved before the option)
     ],
 )
 def test_cached_logits_match_the_full_forward(causal_config, prompt_length, chunk, overrides):
@@ -974,6 +989,32 @@ def test_capacities_are_checked_and_follow_the_config(causal_config):
     assert all(m.capacity(48) == 48 for m in CoLT5ForCausalLM(causal_config()).modules()  # never above n
                if isinstance(m, ThresholdRouter))
     assert all(m.capacity(48) is None for m in model.eval().modules() if isinstance(m, ThresholdRouter))
+
+
+def test_prefix_normalization_and_momentum_are_checked_and_follow_the_config(causal_config):
+    with pytest.raises(StrictDataclassFieldValidationError, match="causal_router_prefix_normalization"):
+        causal_config(causal_router_prefix_normalization="yes")
+    with pytest.raises(ValueError, match=r"causal_router_momentum must be in \(0, 1\]"):
+        causal_config(causal_router_momentum=0.0)
+    assert causal_config().causal_router_prefix_normalization is True
+    for prefix_normalization, momentum in ((True, 0.2), (False, 0.05)):
+        model = CoLT5ForCausalLM(causal_config(causal_router_prefix_normalization=prefix_normalization))
+        routers = [m for m in model.modules() if isinstance(m, ThresholdRouter)]
+        assert all(r.prefix_normalization == prefix_normalization and r.momentum == momentum for r in routers)
+    routers = [m for m in CoLT5ForCausalLM(causal_config(causal_router_momentum=0.5)).modules()
+               if isinstance(m, ThresholdRouter)]
+    assert len(routers) == 4 and all(r.momentum == 0.5 for r in routers)
+
+
+def test_checkpointing_a_router_that_continues_a_cache_is_refused():
+    """A recomputation would standardise by statistics that already hold its own tokens."""
+    from torch.utils.checkpoint import checkpoint
+
+    feedforward = CausalRoutedFeedForward(DIM, fraction=TARGET).train()
+    x = torch.randn(2, 10, DIM, requires_grad=True)
+    out = checkpoint(feedforward, x, None, CoLT5Cache(num_hidden_layers=1), use_reentrant=False)
+    with pytest.raises(RuntimeError, match="cannot be recomputed by activation checkpointing"):
+        out.sum().backward()
 
 
 # ===================================================================================================== save / load
