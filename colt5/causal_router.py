@@ -260,11 +260,10 @@ class ThresholdRouter(TokenScorer):
         recomputing = _recomputing()
         if not recomputing:
             self._apply_pending_statistics()
-        raw = self.scores(x)[:, 0]
-        scores = raw
+        scores = self.scores(x)[:, 0]
         if self.prefix_normalization:
             scores, totals = prefix_standardised_scores(
-                raw, None if mask is None else mask.bool(), self.score_mean, self.score_var, prefix_statistics
+                scores, None if mask is None else mask.bool(), self.score_mean, self.score_var, prefix_statistics
             )
             if prefix_statistics is not None:
                 if recomputing:
@@ -283,7 +282,7 @@ class ThresholdRouter(TokenScorer):
         if self.straight_through:
             weights = weights - weights.detach() + 1.0
         if self.training and not recomputing:
-            self._store_batch_statistics(scores.detach(), raw.detach(), mask)
+            self._store_batch_statistics(scores.detach(), totals if self.prefix_normalization else None, mask)
             with torch.no_grad():
                 counts = self._counter(routed.device)
                 counts[0].add_(routed.sum())
@@ -337,20 +336,20 @@ class ThresholdRouter(TokenScorer):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     @torch.no_grad()
-    def _store_batch_statistics(self, scores: torch.Tensor, raw: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _store_batch_statistics(
+        self, scores: torch.Tensor, totals: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> None:
         """Keep this batch's statistics (threshold and shift of the `(batch, n)` scores routed on; with prefix
-        normalization the mean and variance of the `raw` ones) and whether it had a valid token on the device, in
-        place."""
+        normalization the mean and variance of the raw ones, from their `(batch, 3)` `totals` of
+        `prefix_standardised_scores`) and whether it had a valid token on the device, in place."""
         valid = None if mask is None else mask.bool().flatten()
         statistics = gate_statistics(
             scores.flatten(), self.fraction, valid=valid, fetch_ratio=self.fetch_ratio, eps=self.eps
         )
-        if self.prefix_normalization:
-            wide = raw.flatten().to(torch.float64)
-            weights = torch.ones_like(wide) if valid is None else valid.to(torch.float64)
-            count = weights.sum().clamp_min(1.0)
-            mean = (wide * weights).sum() / count
-            statistics += (mean, ((wide - mean).square() * weights).sum() / count)
+        if totals is not None:
+            count, total, squares = totals.sum(0)
+            mean = total / count.clamp_min(1.0)
+            statistics += (mean, squares / count.clamp_min(1.0) - mean * mean)
         had_tokens = torch.ones((), dtype=torch.bool, device=scores.device) if valid is None else valid.any()
         if self._pending is None or self._pending[0].device != self.threshold.device:
             self._pending = (*(torch.empty_like(getattr(self, name)) for name in self._statistics), had_tokens.clone())
