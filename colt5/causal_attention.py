@@ -199,7 +199,7 @@ class CausalRoutedAttention(TwoBranchAttention):
         if position_ids is None:
             position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0)
         light, (light_keys, light_values) = self._light_full(x, mask, position_ids)
-        heavy, kept = self._heavy_full(x, valid, position_ids, cache_layer)
+        heavy, kept = self._heavy_full(x, valid, position_ids, cache_layer, padded=mask is not None)
         if cache_layer is not None:
             cache_layer.prefill(
                 self.cache_settings(), light_keys=light_keys, light_values=light_values, valid=valid, **kept
@@ -246,19 +246,29 @@ class CausalRoutedAttention(TwoBranchAttention):
         keys = rearrange(keys, "b n s h e -> b s n (h e)")
         return keys, rearrange(values, "b n (s f) -> b s n f", s=self.num_routed_kv)
 
-    def _routed_queries(self, x: torch.Tensor, tokens: torch.Tensor, position_ids: torch.Tensor, weights):
-        """Heavy queries of the tokens at `(batch, m)` indices -> `(batch, heads, m, head_dim)`."""
-        chosen = self._heavy_input(x.gather(1, tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1])))
-        q = rearrange(self.heavy_q_proj(chosen), "b m (h e) -> b h m e", h=self.heavy_heads)
+    def _routed_queries(
+        self, x: torch.Tensor, tokens: torch.Tensor | None, position_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Heavy queries of the tokens at `(batch, m)` indices (None: every token, in order), of `(batch, m)` router
+        weights -> `(batch, heads, m, head_dim)`."""
+        if tokens is not None:
+            x = x.gather(1, tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            position_ids = position_ids.gather(1, tokens)
+        q = rearrange(self.heavy_q_proj(self._heavy_input(x)), "b m (h e) -> b h m e", h=self.heavy_heads)
         if self.heavy_rotary is not None:
-            cos, sin = self.heavy_rotary(position_ids.gather(1, tokens).unsqueeze(1), q.dtype)
+            cos, sin = self.heavy_rotary(position_ids.unsqueeze(1), q.dtype)
             q = apply_rotary(q, cos, sin)
         if self.multiply_queries_by_score:
             q = q * weights.to(q.dtype).unsqueeze(1).unsqueeze(-1)
         return q
 
     def _heavy_full(
-        self, x: torch.Tensor, valid: torch.Tensor, position_ids: torch.Tensor, cache_layer: CoLT5CacheLayer | None
+        self,
+        x: torch.Tensor,
+        valid: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache_layer: CoLT5CacheLayer | None,
+        padded: bool,
     ):
         batch, length, dim = x.shape
         block, blocks = self.block_size, math.ceil(length / self.block_size)
@@ -267,8 +277,14 @@ class CausalRoutedAttention(TwoBranchAttention):
         memory = route_block_memory(scores, valid, block, self.memory_size, **self.memory_route_kwargs)
 
         # The tokens of each block in valid-index order: padding sorts last, blocks are then plain slices.
-        order = (~valid).to(torch.int8).sort(dim=-1, stable=True).indices
+        if padded:
+            order = (~valid).to(torch.int8).sort(dim=-1, stable=True).indices
+        else:
+            order = torch.arange(length, device=x.device).expand(batch, length)
         order = F.pad(order, (0, blocks * block - length)).view(batch, blocks, block)
+        # Every token a query, no padding, whole blocks: each block's queries are its tokens in order, so they are
+        # x's own rows and their outputs land in place (no gather of x, no scatter of the outputs).
+        in_place = self.q_router is None and not padded and length % block == 0
         in_block = (torch.arange(blocks * block, device=x.device) < valid.sum(-1, keepdim=True)).view_as(order)
 
         gate = self._gate(x, valid, cache_layer)
@@ -296,12 +312,15 @@ class CausalRoutedAttention(TwoBranchAttention):
                 num_queries = min(block, max(64, 1 << (most - 1).bit_length())) if most else 0
             # The routed tokens come first.
             query_slot = (~routed_in_block).to(torch.int8).sort(dim=-1, stable=True).indices[..., :num_queries]
-        heavy = x.new_zeros(batch, length, dim)
-        if num_queries > 0:
+        heavy = None if in_place else x.new_zeros(batch, length, dim)
+        if in_place:
+            q = self._routed_queries(x, None, position_ids, gate.weights)
+        elif num_queries > 0:
             query_valid = routed_in_block.gather(-1, query_slot)  # (b, j, g)
             query_tokens = order.gather(-1, query_slot).flatten(1)  # (b, j * g)
             query_weights = gate.weights.gather(1, query_tokens)
             q = self._routed_queries(x, query_tokens, position_ids, query_weights)
+        if num_queries > 0:
             out = memory_attention(
                 rearrange(q, "b h (j g) e -> (b j) h g e", j=blocks),
                 keys,
@@ -317,9 +336,13 @@ class CausalRoutedAttention(TwoBranchAttention):
                 math_only=self.math_attention,
             )
             out = self.heavy_o_proj(out).view(batch, -1, dim)
-            out = out * (query_weights * query_valid.flatten(1)).to(out.dtype).unsqueeze(-1)
-            heavy = heavy.scatter_add(1, query_tokens.unsqueeze(-1).expand_as(out), out)
-        heavy = heavy + self._unrouted(gate.routed, x.dtype)
+            if in_place:  # every weight is 1
+                heavy = out
+            else:
+                out = out * (query_weights * query_valid.flatten(1)).to(out.dtype).unsqueeze(-1)
+                heavy = heavy.scatter_add(1, query_tokens.unsqueeze(-1).expand_as(out), out)
+        if self.unrouted_output is not None:
+            heavy = heavy + self._unrouted(gate.routed, x.dtype)
         if cache_layer is None:
             return heavy, None
 
@@ -357,7 +380,7 @@ class CausalRoutedAttention(TwoBranchAttention):
         )
         light = self.light_o_proj(rearrange(light, "b h n e -> b n (h e)"))
         gate = self._gate(x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), cache_layer)
-        q = self._routed_queries(x, torch.zeros_like(position_ids), position_ids, gate.weights)
+        q = self._routed_queries(x, None, position_ids, gate.weights)
         keys, values, allowed = self._with_null_kv(
             cache_layer.heavy_keys, cache_layer.heavy_values, cache_layer.heavy_mask.unsqueeze(2)
         )

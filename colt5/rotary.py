@@ -51,7 +51,26 @@ class RotaryEmbedding(nn.Module):
             return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `(..., n, head_dim)` by cos/sin broadcastable to it (rotate-half convention)."""
+def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` in PyTorch operations."""
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-second, first), dim=-1) * sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `(..., n, head_dim)` by cos/sin broadcastable to it (rotate-half convention: the feature pairs are
+    (i, i + head_dim / 2)). CUDA tensors go to the Triton kernel (rotary_triton.py) when cos and sin have x's
+    dtype and need no gradient; everything else to the PyTorch reference."""
+    if (
+        x.is_cuda
+        and x.dim() <= 5
+        and x.shape[-1] % 2 == 0
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and cos.dtype == sin.dtype == x.dtype
+        and not (cos.requires_grad or sin.requires_grad)
+        and torch.broadcast_shapes(x.shape, cos.shape, sin.shape) == x.shape
+    ):
+        from .rotary_triton import apply_rotary_triton
+
+        return apply_rotary_triton(x, cos, sin)
+    return apply_rotary_reference(x, cos, sin)

@@ -107,11 +107,17 @@ PRESETS = {
 }
 
 
+# Every token is a heavy query over its block's memory, so the memory size sets the heavy attention's cost per
+# token: a fixed size keeps the causal model linear in the sequence length (a fraction of it would be quadratic).
+# 2048 from the benchmark's sweep at 32k-128k (results/bench_causal_memory_size_2026-12-02_h200.txt).
+CAUSAL_MEMORY_TOKENS = 2048
+
+
 def causal_memory_and_block(seq_len: int) -> tuple[int, int]:
-    """Causal routing for `seq_len`-token sequences: a key/value memory of seq_len / 8 tokens (at least 64)
-    re-chosen every seq_len / 8 tokens (64 to 1024)."""
-    memory = max(seq_len // 8, 64)
-    return memory, min(memory, 1024)
+    """Causal routing for `seq_len`-token sequences: a key/value memory of seq_len / 8 tokens (64 to
+    `CAUSAL_MEMORY_TOKENS`) re-chosen every seq_len / 8 tokens (64 to 1024)."""
+    eighth = max(seq_len // 8, 64)
+    return min(eighth, CAUSAL_MEMORY_TOKENS), min(eighth, 1024)
 
 
 def preset_config(preset: str, seq_len: int, task: str = "causal-lm") -> dict:
@@ -151,13 +157,14 @@ def parse_config_overrides(pairs: list[str]) -> dict:
     unknown = sorted(set(overrides) - set(types))
     if unknown:
         raise ValueError(f"--config: {unknown} are not CoLT5Config fields.")
-    # "1" reads as an int; a float field (router_eps, also one that may be None) takes it as 1.0.
-    return {key: float(value) if _takes_float(types[key]) and type(value) is int else value
+    # "1" reads as an int; a float field (router_eps, also one that may be None) takes it as 1.0, a field that takes
+    # either (routed_kv_tokens: a number of tokens or a fraction) keeps it.
+    return {key: float(value) if _takes_float_only(types[key]) and type(value) is int else value
             for key, value in overrides.items()}
 
 
-def _takes_float(field_type) -> bool:
-    return field_type is float or float in get_args(field_type)
+def _takes_float_only(field_type) -> bool:
+    return field_type is float or (float in get_args(field_type) and int not in get_args(field_type))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -886,6 +886,27 @@ def capacity_layer(kind, capacity_factor, capacity_burst=0):
     return layer
 
 
+@pytest.mark.parametrize("n", [48, 41])
+@pytest.mark.parametrize("multiply_queries_by_score", [False, True])
+def test_every_query_without_padding_equals_the_padding_path(n, multiply_queries_by_score):
+    """With every token a heavy query and no mask, whole blocks take the queries from x in place (no gather or
+    scatter); that equals the general path an all-valid mask takes: outputs and the gradients of the input and of
+    every parameter, float32, within 1e-6. With a partial last block (n=41) both take the general path."""
+    layer = make_causal_layer("attention", query_fraction=1.0)
+    layer.multiply_queries_by_score = multiply_queries_by_score
+    x = torch.randn(2, n, DIM)
+
+    def run(mask):
+        module = copy.deepcopy(layer)
+        inputs = x.clone().requires_grad_()
+        out = module(inputs, mask)
+        (out * torch.linspace(-1, 1, DIM)).sum().backward()
+        return [out, inputs.grad] + [p.grad for p in module.parameters()]
+
+    for got, expected in zip(run(None), run(torch.ones(2, n, dtype=torch.bool)), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
 def from_the_same_state(layer):
     """Calls of `layer` that each start from its current router statistics (a train-mode call changes them)."""
     return lambda x, mask=None: copy.deepcopy(layer)(x, mask)

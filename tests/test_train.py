@@ -197,6 +197,9 @@ def test_config_overrides():
         parse_config_overrides(["router_iterations"])
     # A float field that may be None takes an int as a float too (the strict config refuses an int there).
     assert parse_config_overrides(["causal_router_capacity_factor=2"]) == {"causal_router_capacity_factor": 2.0}
+    # A field that takes a number of tokens or a fraction keeps each as given.
+    routed = parse_config_overrides(["routed_kv_tokens=4096", "routed_ff_tokens=0.25"])
+    assert routed == {"routed_kv_tokens": 4096, "routed_ff_tokens": 0.25} and type(routed["routed_kv_tokens"]) is int
 
 
 @pytest.mark.parametrize(
