@@ -193,7 +193,7 @@ class CausalRoutedFeedForward(nn.Module):
             tokens = gate.routed.flatten().nonzero().squeeze(-1)
             flat = x.reshape(-1, x.shape[-1])
             heavy = self.heavy_mlp(flat[tokens]) * gate.weights.to(x.dtype).view(-1, 1)[tokens]
-            return light + torch.zeros_like(flat).index_add(0, tokens, heavy).view_as(x)
+            return light.to(heavy.dtype).reshape(flat.shape).index_add(0, tokens, heavy).view_as(x)
         # Training: `slots` per sample (static shapes). The kept tokens come first, in order; empty slots weigh 0.
         valid = torch.ones_like(gate.routed) if mask is None else mask.bool()
         kept = self.router.keep_within_capacity(gate.routed, valid)
@@ -201,4 +201,6 @@ class CausalRoutedFeedForward(nn.Module):
         weights = (gate.weights * kept).gather(1, tokens).unsqueeze(-1).to(x.dtype)
         positions = tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1])
         heavy = self.heavy_mlp(x.gather(1, positions)) * weights
-        return light + torch.zeros_like(x).scatter_add(1, positions, heavy)
+        # Into the light output directly (the slots hold distinct tokens): no zeros and no sum. Under autocast the
+        # sum has the weights' dtype, as light + heavy would.
+        return light.to(heavy.dtype).scatter_add(1, positions, heavy)

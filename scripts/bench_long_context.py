@@ -2,7 +2,8 @@
 
 Layers (bf16 weights and inputs, batch 2, width 512; routed: 4 light heads of 64 in a +-127 window, 8 heavy heads
 of 64, 1/16 of tokens as heavy queries (encoder) and heavy feedforward, 1/8 as keys/values; causal: every token a
-heavy query, as in CoLT5ForCausalLM, memory n/8, blocks of min(n/8, 1024) tokens):
+heavy query, as in CoLT5ForCausalLM, memory min(n/8, 2048), blocks of min(n/8, 1024) tokens, as
+colt5.train.causal_memory_and_block chooses):
 - encoder attention    ConditionalRoutedAttention   vs dense SDPA attention (8 heads of 64, q/k/v/o projections)
 - causal attention     CausalRoutedAttention         vs dense causal SDPA attention
 - encoder feedforward  ConditionalRoutedFeedForward  vs the dense gated 4x MLP (the heavy MLP on every token)
