@@ -415,8 +415,9 @@ def validate_capacity(factor_name: str, factor: float | None, burst_name: str, b
 
 def _recomputing() -> bool:
     """Whether this call runs inside a backward pass (activation checkpointing recomputing a forward), the test
-    FSDP uses: such a call must route as the first pass did and count nothing."""
-    return torch._C._current_graph_task_id() != -1
+    FSDP uses: such a call must route as the first pass did and count nothing. A recomputation always has gradients
+    on, so a call without them is none (and a compiled decode step never asks the autograd engine)."""
+    return torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
 
 
 def route_block_memory(

@@ -96,6 +96,9 @@ class CoLT5Config(PreTrainedConfig):
         cuda_graph_decoding: with `is_causal`, on a GPU, one-token steps with a cache (generate()'s decoding, in
             evaluation without gradients) replay a CUDA graph of the whole step, captured at the second step of a
             cache: decoding is otherwise host-bound. False: every step runs eagerly.
+        compile_decoding: with `cuda_graph_decoding`, the captured step is first compiled with torch.compile, which
+            fuses its several hundred small kernels into fewer (the replayed step is bound by their number). Costs
+            a compile the first time a process decodes (see README, "Generation benchmark").
         use_cache: with `is_causal`, return a `CoLT5Cache` for fast generation; with `is_encoder_decoder`, an
             `EncoderDecoderCache` of the decoder's keys/values.
         is_encoder_decoder: the encoder-decoder model (`CoLT5ForConditionalGeneration`); the fields above describe
@@ -155,6 +158,7 @@ class CoLT5Config(PreTrainedConfig):
     causal_router_capacity_factor: float | None = 1.5
     causal_router_capacity_burst: int = 64
     cuda_graph_decoding: bool = True
+    compile_decoding: bool = False
     use_cache: bool = True
     is_encoder_decoder: bool = False
     num_decoder_layers: int | None = None
@@ -270,6 +274,11 @@ class CoLT5Config(PreTrainedConfig):
             "causal_router_capacity_burst",
             self.causal_router_capacity_burst,
         )
+        if self.compile_decoding and not self.cuda_graph_decoding:
+            raise ValueError(
+                "compile_decoding compiles the CUDA-graph decode step: it needs cuda_graph_decoding=True (or set "
+                "compile_decoding=False for eager decoding)."
+            )
         if self.is_causal:
             self._validate_causal()
         if self.is_encoder_decoder:

@@ -10,9 +10,18 @@ operations at device indices, so the whole step can be captured once and replaye
 How: per cache, the first step whose cache tensors are new runs eagerly (it also warms kernels up); the next one
 is captured and every later one replayed, after `begin_token` on every layer. A cache layer that replaces a tensor
 (a larger score buffer, a new batch size) changes its `version`, and the next step captures anew.
+
+With `config.compile_decoding` the step is compiled (torch.compile, one graph) before it is captured: the replay is
+bound by the number of kernels, and Inductor fuses the step's elementwise work (norms, rotations, casts, the
+routers' arithmetic) into few kernels. The compiled function is one per process; it is traced with the score
+buffers' length dynamic, so neither a growing cache nor a longer prompt compiles it again (a new batch size does,
+once).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Callable
 
 import torch
 from torch import nn
@@ -45,15 +54,22 @@ class CudaGraphDecodeStep:
             self.position_ids.copy_(position_ids)
             self.graph.replay()
             return self.logits.clone()
+        step = self._run
+        if model.config.compile_decoding:
+            step = compiled_decode_step()
+            for layer in cache.layers:  # they grow by doubling: one trace for every length
+                for buffer in (layer.scores, layer.token_mask):
+                    torch._dynamo.maybe_mark_dynamic(buffer, buffer.dim() - 1)
         if key != self.warmed_key:
-            # New tensors: one eager step first (lazy initialisations, kernel selection), then capture.
+            # New tensors: one step outside a graph first (lazy initialisations, kernel selection, compiling), then
+            # capture.
             self.warmed_key = key
-            return self._run(model, cache, input_ids, position_ids)
+            return step(model, cache, input_ids, position_ids)
         self.graph = None  # release the old graph's memory before capturing the new one
         self.input_ids, self.position_ids = input_ids.clone(), position_ids.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self._run(model, cache, self.input_ids, self.position_ids)
+            self.logits = step(model, cache, self.input_ids, self.position_ids)
         self.graph, self.key = graph, key
         self.captures += 1
         graph.replay()  # capturing records the step without running it
@@ -72,4 +88,11 @@ class CudaGraphDecodeStep:
                 layer.tokens_begun_outside = False
 
 
-__all__ = ["CudaGraphDecodeStep"]
+@functools.cache
+def compiled_decode_step() -> Callable[[nn.Module, CoLT5Cache, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`CudaGraphDecodeStep._run` compiled as one graph (fullgraph: a break would split the step into pieces that
+    launch as many kernels as before); made once per process."""
+    return torch.compile(CudaGraphDecodeStep._run, fullgraph=True)
+
+
+__all__ = ["CudaGraphDecodeStep", "compiled_decode_step"]

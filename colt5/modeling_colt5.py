@@ -227,7 +227,9 @@ class CoLT5Model(CoLT5PreTrainedModel):
                 f"CoLT5 needs its own cache, got {type(cache).__name__}: pass a CoLT5Cache(config) or "
                 "use_cache=True (generate() does this)."
             )
-        past_length = cache.get_seq_length() if cache is not None else 0
+        # The cached length matters only to check and slice an attention mask (so a compiled decode step, which
+        # passes none, does not specialise on the growing length).
+        past_length = cache.get_seq_length() if cache is not None and attention_mask is not None else 0
         _validate_inputs(input_ids, inputs_embeds, attention_mask, past_length)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -235,7 +237,7 @@ class CoLT5Model(CoLT5PreTrainedModel):
         mask = attention_mask[:, past_length:].bool() if attention_mask is not None else None
         if causal and use_cache and cache is None:
             cache = CoLT5Cache(self.config)
-        if past_length > 0 and mask is not None:
+        if mask is not None and past_length > 0:
             _check_new_tokens_valid(mask)
             mask = None
         position_ids = self._position_ids(position_ids, mask, batch, length, inputs_embeds.device, cache)

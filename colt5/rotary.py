@@ -60,9 +60,11 @@ def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate `(..., n, head_dim)` by cos/sin broadcastable to it (rotate-half convention: the feature pairs are
     (i, i + head_dim / 2)). CUDA tensors go to the Triton kernel (rotary_triton.py) when cos and sin have x's
-    dtype and need no gradient; everything else to the PyTorch reference."""
+    dtype and need no gradient; everything else, and a function torch.compile traces (it fuses the reference
+    itself), to the PyTorch reference."""
     if (
         x.is_cuda
+        and not torch.compiler.is_compiling()
         and x.dim() <= 5
         and x.shape[-1] % 2 == 0
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16)

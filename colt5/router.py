@@ -235,9 +235,20 @@ class TokenScorer(nn.Module):
                 vectors = nn.functional.normalize(vectors, dim=-1) * self.cosine_sim_scale
             if x.dtype == dtype:
                 scores = x @ vectors.T
+            elif x.numel() <= WIDE_SCORE_CHUNK_ELEMENTS and not (
+                torch.is_grad_enabled() and (x.requires_grad or vectors.requires_grad)
+            ):
+                # Nothing kept for a backward pass: one widened copy of at most a chunk (and a graph a compiled
+                # decode step can trace).
+                scores = x.to(dtype) @ vectors.T
             else:
                 scores = _WideScores.apply(x, vectors)
         return scores.transpose(1, 2) if x.dtype == torch.float64 else scores.transpose(1, 2).float()
+
+
+# Widened elements at a time: 256 MiB in float32, few enough chunks (8 for a million tokens of width 512) that
+# launches cost less than the bytes moved.
+WIDE_SCORE_CHUNK_ELEMENTS = 1 << 26
 
 
 class _WideScores(torch.autograd.Function):
@@ -246,10 +257,6 @@ class _WideScores(torch.autograd.Function):
     `x.to(float32) @ v.T` would make, and keep for the backward pass, a float32 copy of the whole sequence: 2 GiB per
     router for a million bf16 tokens of width 512. Here x is widened a chunk of tokens at a time, both ways.
     """
-
-    # Widened elements at a time: 256 MiB in float32, few enough chunks (8 for a million tokens of width 512) that
-    # launches cost less than the bytes moved.
-    CHUNK_ELEMENTS = 1 << 26
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -275,7 +282,7 @@ class _WideScores(torch.autograd.Function):
 
     @staticmethod
     def _chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        tokens = max(1, _WideScores.CHUNK_ELEMENTS // (x.shape[0] * x.shape[2]))
+        tokens = max(1, WIDE_SCORE_CHUNK_ELEMENTS // (x.shape[0] * x.shape[2]))
         return x.split(tokens, dim=1)
 
 

@@ -1,8 +1,11 @@
-"""Generation benchmark: CoLT5ForCausalLM vs LlamaForCausalLM (SDPA, DynamicCache) of the same width and depth.
+"""Generation benchmark: CoLT5ForCausalLM vs LlamaForCausalLM (SDPA) of the same width and depth.
 
 For each context length and batch size, the models get the same random prompt and generate greedily (no early
 stop). Measured in one run on one GPU, bf16 weights, for CoLT5 with CUDA-graph decoding (`colt5`, the default),
-the same weights decoding eagerly (`colt5 eager`, `cuda_graph_decoding=False`) and Llama:
+the same weights with the captured step compiled first (`colt5 compiled`, `compile_decoding=True`) and decoding
+eagerly (`colt5 eager`, `cuda_graph_decoding=False`), and Llama with transformers' DynamicCache (`llama`, eager)
+and with its static cache (`llama static`: generate() then compiles the decode step with torch.compile in
+"reduce-overhead" mode, CUDA graphs included: Llama's fastest decoding in transformers):
 - first generate(2) s: the first generate() at this shape, 2 new tokens (the prefill and the first decode step),
   with one-time costs (kernel compiles for new sizes, per-shape set-up); every later figure is of warm runs;
 - prefill: time of generate(max_new_tokens=1) (the prompt's forward pass);
@@ -13,7 +16,11 @@ the same weights decoding eagerly (`colt5 eager`, `cuda_graph_decoding=False`) a
   work and the first decode steps included); slowest step ms: the longest of those steps;
 - step ms, device ms: one model forward of one token per sample with a cache, wall time (host and device, a
   synchronisation after each step) and the sum of the GPU's kernel and copy times in that step (profiler); their
-  difference is host time the device waits for. Steps of a steady cache (no block boundary);
+  difference is host time the device waits for. Steps of a steady cache (no block boundary); not measured for
+  `llama static` (its compiled step runs inside generate() only);
+- generate device ms: the GPU's kernel and copy time per new token inside generate() (profiler: a generate() of
+  N new tokens less one of 1 token, over N - 1), generate()'s own kernels included: the same measure for every
+  model, whatever its host;
 - end-to-end tokens/s: batch * N / time of N new tokens (prefill included);
 - cache MB: bytes of every tensor in the cache returned by generate (N new tokens);
 - peak GB: torch.cuda.max_memory_allocated during the N-token generate.
@@ -92,16 +99,32 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-def timed_generate(model, prompt, new_tokens: int, device: torch.device, clock: StepClock | None = None):
+# generate() settings of each benchmarked model that differ from the defaults.
+GENERATE_SETTINGS = {"llama static": dict(cache_implementation="static")}
+
+
+def timed_generate(model, prompt, new_tokens: int, device: torch.device, clock: StepClock | None = None, **settings):
     sync(device)
     start = time.perf_counter()
     out = model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
         do_sample=False, use_cache=True, return_dict_in_generate=True, pad_token_id=0,
-        logits_processor=LogitsProcessorList([clock] if clock is not None else []),
+        logits_processor=LogitsProcessorList([clock] if clock is not None else []), **settings,
     )
     sync(device)
     return time.perf_counter() - start, out
+
+
+def generate_device_ms(model, prompt, new_tokens: int, device: torch.device, **settings) -> float:
+    """GPU kernel and copy milliseconds per new token inside generate(): (N new tokens - 1 new token) / (N - 1)."""
+    if device.type != "cuda":
+        return float("nan")
+    totals = []
+    for tokens in (1, new_tokens):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            timed_generate(model, prompt, tokens, device, **settings)
+        totals.append(sum(event.self_device_time_total for event in profile.key_averages()) / 1e3)
+    return (totals[1] - totals[0]) / (new_tokens - 1)
 
 
 def step_times(model, prompt: torch.Tensor, device: torch.device, steps: int = 8) -> dict:
@@ -130,22 +153,28 @@ def step_times(model, prompt: torch.Tensor, device: torch.device, steps: int = 8
     return dict(first_decode_s=first, step_ms=wall * 1e3, device_ms=device_ms)
 
 
-def measure(model, context: int, batch: int, new_tokens: int, device: torch.device) -> dict:
+def measure(model, context: int, batch: int, new_tokens: int, device: torch.device, **settings) -> dict:
     generator = torch.Generator().manual_seed(context + batch)
     prompt = torch.randint(3, model.config.vocab_size, (batch, context), generator=generator).to(device)
     with torch.no_grad():
         # The first generate() at this shape: one-time costs (the router's Triton kernels compile for each new row
-        # length: the prompt's blocks and the first re-routing; CUDA-graph capture).
-        first, _ = timed_generate(model, prompt, 2, device)
-        prefill, _ = timed_generate(model, prompt, 1, device)
+        # length: the prompt's blocks and the first re-routing; CUDA-graph capture; torch.compile where asked).
+        first, _ = timed_generate(model, prompt, 2, device, **settings)
+        prefill, _ = timed_generate(model, prompt, 1, device, **settings)
+        if settings:  # a static cache of another length is compiled for anew: not inside the timed run
+            timed_generate(model, prompt, new_tokens, device, **settings)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         clock = StepClock(device)
-        total, out = timed_generate(model, prompt, new_tokens, device, clock)
+        total, out = timed_generate(model, prompt, new_tokens, device, clock, **settings)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         cache_mb = cache_bytes(out[CACHE_NAME]) / 2**20
         del out
-        steps = step_times(model, prompt, device)
+        generate_ms = generate_device_ms(model, prompt, new_tokens, device, **settings)
+        if settings:  # a static cache: its compiled step runs inside generate() only
+            steps = dict(first_decode_s=float("nan"), step_ms=float("nan"), device_ms=float("nan"))
+        else:
+            steps = step_times(model, prompt, device)
     decode_s = clock.times[-1] - clock.times[0]
     return dict(
         first_generate_s=first,
@@ -156,6 +185,7 @@ def measure(model, context: int, batch: int, new_tokens: int, device: torch.devi
         end_to_end_tok_s=batch * new_tokens / total,
         cache_mb=cache_mb,
         peak_gb=peak,
+        generate_device_ms=generate_ms,
         **steps,
     )
 
@@ -167,33 +197,47 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--smoke", action="store_true", help="tiny models, short contexts, CPU is fine")
+    parser.add_argument("--only", nargs="+", default=None, help="measure only these models (names as printed)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     colt5 = colt5_config(args.smoke)
+    compiled_config = copy.deepcopy(colt5)
+    compiled_config.compile_decoding = True
     eager_config = copy.deepcopy(colt5)
     eager_config.cuda_graph_decoding = False
+    llama = LlamaForCausalLM._from_config(llama_config(colt5), attn_implementation="sdpa")
     models = {
         "colt5": CoLT5ForCausalLM(colt5),
+        "colt5 compiled": CoLT5ForCausalLM(compiled_config),
         "colt5 eager": CoLT5ForCausalLM(eager_config),
-        "llama": LlamaForCausalLM._from_config(llama_config(colt5), attn_implementation="sdpa"),
+        "llama": llama,
+        "llama static": llama,  # the same model, generate() with a static cache (GENERATE_SETTINGS)
     }
-    models["colt5 eager"].load_state_dict(models["colt5"].state_dict())
+    for name in ("colt5 compiled", "colt5 eager"):
+        models[name].load_state_dict(models["colt5"].state_dict())
     for model in models.values():
         model.to(device=device, dtype=dtype).eval()
     params = {name: sum(p.numel() for p in model.parameters()) / 1e6 for name, model in models.items()}
+    names = [name for name in models if not args.only or name in args.only]
 
     rows = []
     for context in args.contexts:
         for batch in args.batches:
-            result = {name: measure(model, context, batch, args.new_tokens, device) for name, model in models.items()}
+            result = {
+                name: measure(models[name], context, batch, args.new_tokens, device, **GENERATE_SETTINGS.get(name, {}))
+                for name in names
+            }
             rows.append(dict(context=context, batch=batch, **result))
-            llama = result["llama"]
+            # Ratios against Llama's faster decoding of the two (static cache or not).
+            baseline = max((result[name] for name in ("llama", "llama static") if name in result),
+                           key=lambda r: r["decode_tok_s"], default=None)
             for name, r in result.items():
-                ratio = f"({r['decode_tok_s'] / llama['decode_tok_s']:5.2f}x)" if name != "llama" else " " * 8
+                ratio = f"({r['decode_tok_s'] / baseline['decode_tok_s']:5.2f}x)" if baseline else " " * 8
                 print(
-                    f"context {context:>6} batch {batch} {name:<11}: decode tok/s {r['decode_tok_s']:8.1f} {ratio} | "
+                    f"context {context:>6} batch {batch} {name:<14}: decode tok/s {r['decode_tok_s']:8.1f} {ratio} | "
+                    f"generate device ms {r['generate_device_ms']:6.2f} | "
                     f"step ms {r['step_ms']:6.2f} device ms {r['device_ms']:6.2f} | end-to-end tok/s "
                     f"{r['end_to_end_tok_s']:8.1f} | prefill s {r['prefill_s']:.3f} first generate(2) s {r['first_generate_s']:.3f} | "
                     f"first decode s {r['first_decode_s']:.3f} slowest step ms {r['slowest_step_ms']:6.1f} | cache MB {r['cache_mb']:8.1f} | peak GB {r['peak_gb']:.2f}",

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+import colt5.router as router_module
 from colt5.router import (
     CoordinateDescentRouter,
     TokenScorer,
-    _WideScores,
     gather_tokens,
     route,
     routed_amount,
@@ -198,7 +198,7 @@ def test_block_routing_routes_the_whole_amount_when_blocks_are_short(length, amo
 def test_scores_of_narrow_tokens_are_widened_a_chunk_at_a_time(monkeypatch, dtype, batch_invariant):
     """Scores and both gradients equal the plain widened matmul, with several chunks, and autograd keeps no wide
     copy of the tokens."""
-    monkeypatch.setattr(_WideScores, "CHUNK_ELEMENTS", 3 * 2 * 16)  # chunks of 3 tokens, the last one partial
+    monkeypatch.setattr(router_module, "WIDE_SCORE_CHUNK_ELEMENTS", 3 * 2 * 16)  # chunks of 3 tokens, the last one partial
     scorer = TokenScorer(16, 2, batch_invariant=batch_invariant)
     wide = torch.float64 if batch_invariant else torch.float32
     x = torch.randn(2, 20, 16).to(dtype).requires_grad_()
