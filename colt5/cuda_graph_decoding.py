@@ -60,15 +60,19 @@ class CudaGraphDecodeStep:
             for layer in cache.layers:  # they grow by doubling: one trace for every length
                 for buffer in (layer.scores, layer.token_mask):
                     torch._dynamo.maybe_mark_dynamic(buffer, buffer.dim() - 1)
+        # The step always gets fresh inputs of standard strides (generate() passes a slice of its growing ids, whose
+        # stride a plain clone keeps), so that the compiled step's guards see at the capture what they saw at the
+        # warm-up: a compile while capturing would fail the capture.
+        input_ids, position_ids = (t.clone(memory_format=torch.contiguous_format) for t in (input_ids, position_ids))
         if key != self.warmed_key:
             # New tensors: one step outside a graph first (lazy initialisations, kernel selection, compiling), then
             # capture.
             self.warmed_key = key
             return step(model, cache, input_ids, position_ids)
         self.graph = None  # release the old graph's memory before capturing the new one
-        self.input_ids, self.position_ids = input_ids.clone(), position_ids.clone()
+        self.input_ids, self.position_ids = input_ids, position_ids
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), torch.compiler.set_stance("fail_on_recompile"):
             self.logits = step(model, cache, self.input_ids, self.position_ids)
         self.graph, self.key = graph, key
         self.captures += 1

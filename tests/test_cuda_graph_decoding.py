@@ -3,6 +3,8 @@ float32, through re-routing at block boundaries, a growing score buffer, left pa
 the step compiled first (`compile_decoding`); a replayed step synchronises with the host nowhere. The warm-up step,
 compiled or not, runs on CPU too."""
 
+import contextlib
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -86,6 +88,33 @@ def test_the_compiled_step_equals_plain_cached_steps_and_compiles_once():
         torch.testing.assert_close(a.heavy_keys, b.heavy_keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a.memory_index, b.memory_index, rtol=0, atol=0)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+class _NoGraph:
+    """Stands in for torch.cuda.CUDAGraph on the CPU: capturing runs the step as it is, replaying does nothing."""
+
+    def replay(self):
+        pass
+
+
+def test_the_compiled_step_never_compiles_while_captured(monkeypatch):
+    """A compile during a CUDA graph's capture fails it, and the capture refuses to compile: the step must meet at
+    its capture the guards of its warm-up step, also at a second batch size (which makes the batch dynamic) and
+    with generate()'s strided slice of the ids as input. On the CPU, with the capture stood in for."""
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _NoGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+    model = tiny_lm("cpu", compile_decoding=True)
+    with torch.no_grad():
+        for batch in (1, 3):
+            ids, mask = left_padded_prompts([20] * batch, "cpu")
+            cache = CoLT5Cache(model.config)
+            model(ids, attention_mask=mask, cache=cache)
+            runner = CudaGraphDecodeStep()
+            for _ in range(2):  # the warm-up step, then the capture (which raises if it compiles)
+                ids = torch.cat((ids, torch.randint(3, VOCAB, (batch, 1))), dim=1)
+                positions = cache.device_counts().unsqueeze(-1).clone()
+                runner(model, cache, ids[:, -1:], positions)
+            assert runner.captures == 1
 
 
 def test_compile_decoding_needs_cuda_graph_decoding():
