@@ -13,9 +13,8 @@ is captured and every later one replayed, after `begin_token` on every layer. A 
 
 With `config.compile_decoding` the step is compiled (torch.compile, one graph) before it is captured: the replay is
 bound by the number of kernels, and Inductor fuses the step's elementwise work (norms, rotations, casts, the
-routers' arithmetic) into few kernels. The compiled function is one per process; it is traced with the score
-buffers' length dynamic, so neither a growing cache nor a longer prompt compiles it again (a new batch size does,
-once).
+routers' arithmetic) into fewer kernels. The compiled function is one per process; it is traced with the score
+buffers' length dynamic, so a growing cache does not compile it again (a second batch size does, once).
 """
 
 from __future__ import annotations

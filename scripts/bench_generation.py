@@ -220,6 +220,9 @@ def main() -> None:
     for model in models.values():
         model.to(device=device, dtype=dtype).eval()
     params = {name: sum(p.numel() for p in model.parameters()) / 1e6 for name, model in models.items()}
+    unknown = set(args.only or ()) - set(models)
+    if unknown:
+        parser.error(f"--only: no model named {sorted(unknown)}; the models are {list(models)}.")
     names = [name for name in models if not args.only or name in args.only]
 
     rows = []
