@@ -85,8 +85,8 @@ class CoLT5Config(PreTrainedConfig):
             routing of checkpoints saved before this option. None: True for a new config, False for one loaded
             from a file that lacks the key (saved before the option existed).
         causal_router_momentum: with `is_causal`, the weight of each training batch in the moving averages of the
-            per-token routers' thresholds; None: the routers' default (0.2 with prefix normalization, 0.05
-            without).
+            per-token routers' thresholds; None: the routers' default (1.0 with prefix normalization, i.e. the
+            last training batch's statistics; 0.05 without).
         causal_router_capacity_factor, causal_router_capacity_burst: with `is_causal`, in training each per-token
             router's heavy branch takes at most `ceil(factor * fraction * n) + burst` tokens of a sample (the
             feedforward) or of a block (the queries), chosen by a causal token bucket, so that a training step has

@@ -26,11 +26,13 @@ def make_layer(**overrides) -> ConditionalRoutedAutoregressiveAttention:
 
 
 def changes_before_and_after(layer, x: torch.Tensor, t: int) -> tuple[float, float]:
-    """How much the outputs at positions <= t and > t move when every token after t is replaced."""
+    """How much the outputs at positions <= t and > t move when every token after t is replaced. Each input goes to
+    its own copy of the layer: in training a call updates the routers' running statistics, and the second call
+    must route with the statistics the first one had."""
     changed = x.clone()
     changed[:, t + 1 :] = torch.randn_like(changed[:, t + 1 :])
     with torch.no_grad():
-        reference, perturbed = layer(x), layer(changed)
+        reference, perturbed = copy.deepcopy(layer)(x), copy.deepcopy(layer)(changed)
     before = (perturbed[:, : t + 1] - reference[:, : t + 1]).abs().max().item()
     after = (perturbed[:, t + 1 :] - reference[:, t + 1 :]).abs().max().item()
     return before, after

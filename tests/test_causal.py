@@ -1018,7 +1018,7 @@ def test_prefix_normalization_and_momentum_are_checked_and_follow_the_config(cau
     with pytest.raises(ValueError, match=r"causal_router_momentum must be in \(0, 1\]"):
         causal_config(causal_router_momentum=0.0)
     assert causal_config().causal_router_prefix_normalization is True
-    for prefix_normalization, momentum in ((True, 0.2), (False, 0.05)):
+    for prefix_normalization, momentum in ((True, 1.0), (False, 0.05)):
         model = CoLT5ForCausalLM(causal_config(causal_router_prefix_normalization=prefix_normalization))
         routers = [m for m in model.modules() if isinstance(m, ThresholdRouter)]
         assert all(r.prefix_normalization == prefix_normalization and r.momentum == momentum for r in routers)
