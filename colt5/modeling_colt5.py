@@ -237,7 +237,7 @@ class CoLT5Model(CoLT5PreTrainedModel):
         mask = attention_mask[:, past_length:].bool() if attention_mask is not None else None
         if causal and use_cache and cache is None:
             cache = CoLT5Cache(self.config)
-        if mask is not None and past_length > 0:
+        if past_length > 0 and mask is not None:
             _check_new_tokens_valid(mask)
             mask = None
         position_ids = self._position_ids(position_ids, mask, batch, length, inputs_embeds.device, cache)

@@ -235,12 +235,6 @@ class TokenScorer(nn.Module):
                 vectors = nn.functional.normalize(vectors, dim=-1) * self.cosine_sim_scale
             if x.dtype == dtype:
                 scores = x @ vectors.T
-            elif x.numel() <= WIDE_SCORE_CHUNK_ELEMENTS and not (
-                torch.is_grad_enabled() and (x.requires_grad or vectors.requires_grad)
-            ):
-                # Nothing kept for a backward pass: one widened copy of at most a chunk (and a graph a compiled
-                # decode step can trace).
-                scores = x.to(dtype) @ vectors.T
             else:
                 scores = _WideScores.apply(x, vectors)
         return scores.transpose(1, 2) if x.dtype == torch.float64 else scores.transpose(1, 2).float()
