@@ -31,7 +31,7 @@ from einops import rearrange
 
 from .cache_colt5 import CoLT5Cache, CoLT5CacheLayer, RoutedMemorySettings
 from .causal_router import GateOutput, ThresholdRouter, route_block_memory
-from .masked_sdpa import masked_sdpa
+from .decode_attention import decode_attention
 from .memory_attention import memory_attention, tokens_at
 from .rotary import apply_rotary
 from .routed_attention import TwoBranchAttention, project
@@ -375,15 +375,14 @@ class CausalRoutedAttention(TwoBranchAttention):
         heavy_k, heavy_v = self._keys_values(x, position_ids)
         cache_layer.append(light_k, light_v, heavy_k, heavy_v, self.kv_router.scores(x))
 
-        light = masked_sdpa(
+        light = decode_attention(
             light_q, cache_layer.light_keys, cache_layer.light_values, cache_layer.light_mask[:, None, None]
         )
         light = self.light_o_proj(rearrange(light, "b h n e -> b n (h e)"))
         gate = self._gate(x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), cache_layer)
         q = self._routed_queries(x, None, position_ids, gate.weights)
-        keys, values, allowed = self._with_null_kv(
-            cache_layer.heavy_keys, cache_layer.heavy_values, cache_layer.heavy_mask.unsqueeze(2)
+        heavy = decode_attention(
+            q, cache_layer.heavy_keys, cache_layer.heavy_values, cache_layer.heavy_mask.unsqueeze(2), self.heavy_null_kv
         )
-        heavy = masked_sdpa(q, keys, values, allowed, math_only=self.math_attention)
         heavy = self.heavy_o_proj(rearrange(heavy, "b h n e -> b n (h e)")) * gate.weights.to(x.dtype).unsqueeze(-1)
         return light + heavy + self._unrouted(gate.routed, x.dtype)

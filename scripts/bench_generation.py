@@ -28,7 +28,8 @@ Prompts are multiples of the CoLT5 block size, so the first decoded token re-rou
 includes one re-routing per layer.
 
 Usage: python scripts/bench_generation.py [--contexts 4096 16384 32768] [--batches 1 8] [--new-tokens 128]
-       [--json results/x.json]      (--smoke: tiny models on CPU, to check the script runs)
+       [--only colt5 "llama static"] [--profile] [--json results/x.json]
+       (--smoke: tiny models on CPU, to check the script runs; --profile: each decode step's largest kernels)
 """
 
 from __future__ import annotations
@@ -127,9 +128,21 @@ def generate_device_ms(model, prompt, new_tokens: int, device: torch.device, **s
     return (totals[1] - totals[0]) / (new_tokens - 1)
 
 
-def step_times(model, prompt: torch.Tensor, device: torch.device, steps: int = 8) -> dict:
+def print_kernel_table(name: str, profile, steps: int, rows: int = 25) -> None:
+    """The GPU kernels of `steps` profiled decode steps, most device time first: per step, their count and time."""
+    events = [e for e in profile.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events)
+    print(f"# {name}: {sum(e.count for e in events) / steps:.0f} kernels and copies a step, "
+          f"{total / steps / 1e3:.3f} device ms a step; the {rows} largest (per step: count, us, share):")
+    for e in events[:rows]:
+        print(f"#   {e.count / steps:6.1f} {e.self_device_time_total / steps:8.1f} us "
+              f"{100 * e.self_device_time_total / total:5.1f}%  {e.key[:110]}")
+
+
+def step_times(model, prompt: torch.Tensor, device: torch.device, steps: int = 8, profile_name: str | None = None) -> dict:
     """Wall and device milliseconds of a one-token forward with a cache after `prompt` (see the docstring), and
-    the time of a fresh cache's first two decode steps."""
+    the time of a fresh cache's first two decode steps; with `profile_name`, prints the step's kernels."""
     out = model(prompt, use_cache=True)
     cache, token = out[CACHE_NAME], out.logits[:, -1:].argmax(-1)
     sync(device)
@@ -150,10 +163,14 @@ def step_times(model, prompt: torch.Tensor, device: torch.device, steps: int = 8
                 model(token, **{CACHE_NAME: cache})
             sync(device)
         device_ms = sum(event.self_device_time_total for event in profile.key_averages()) / 1e3 / steps
+        if profile_name is not None:
+            print_kernel_table(profile_name, profile, steps)
     return dict(first_decode_s=first, step_ms=wall * 1e3, device_ms=device_ms)
 
 
-def measure(model, context: int, batch: int, new_tokens: int, device: torch.device, **settings) -> dict:
+def measure(
+    model, context: int, batch: int, new_tokens: int, device: torch.device, profile_name: str | None = None, **settings
+) -> dict:
     generator = torch.Generator().manual_seed(context + batch)
     prompt = torch.randint(3, model.config.vocab_size, (batch, context), generator=generator).to(device)
     with torch.no_grad():
@@ -174,7 +191,7 @@ def measure(model, context: int, batch: int, new_tokens: int, device: torch.devi
         if settings:  # a static cache: its compiled step runs inside generate() only
             steps = dict(first_decode_s=float("nan"), step_ms=float("nan"), device_ms=float("nan"))
         else:
-            steps = step_times(model, prompt, device)
+            steps = step_times(model, prompt, device, profile_name=profile_name)
     decode_s = clock.times[-1] - clock.times[0]
     return dict(
         first_generate_s=first,
@@ -198,6 +215,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--smoke", action="store_true", help="tiny models, short contexts, CPU is fine")
     parser.add_argument("--only", nargs="+", default=None, help="measure only these models (names as printed)")
+    parser.add_argument("--profile", action="store_true", help="print the kernels of each model's decode step")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -229,7 +247,11 @@ def main() -> None:
     for context in args.contexts:
         for batch in args.batches:
             result = {
-                name: measure(models[name], context, batch, args.new_tokens, device, **GENERATE_SETTINGS.get(name, {}))
+                name: measure(
+                    models[name], context, batch, args.new_tokens, device,
+                    profile_name=f"context {context} batch {batch} {name}" if args.profile else None,
+                    **GENERATE_SETTINGS.get(name, {}),
+                )
                 for name in names
             }
             rows.append(dict(context=context, batch=batch, **result))

@@ -201,7 +201,7 @@ def test_scores_of_narrow_tokens_are_widened_a_chunk_at_a_time(monkeypatch, dtyp
     monkeypatch.setattr(router_module, "WIDE_SCORE_CHUNK_ELEMENTS", 3 * 2 * 16)  # chunks of 3 tokens, the last one partial
     scorer = TokenScorer(16, 2, batch_invariant=batch_invariant)
     wide = torch.float64 if batch_invariant else torch.float32
-    x = torch.randn(2, 20, 16).to(dtype).requires_grad_()
+    x = torch.randn(2, 40, 16).to(dtype).requires_grad_()  # more than FEW_SCORED_TOKENS: the chunked product
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         scores = scorer.scores(x)
@@ -217,3 +217,26 @@ def test_scores_of_narrow_tokens_are_widened_a_chunk_at_a_time(monkeypatch, dtyp
     torch.testing.assert_close(x.grad, widened.grad.to(dtype))
     torch.testing.assert_close(scorer.routing_vectors.grad, vectors.grad.float(), rtol=1e-5, atol=1e-5)
     assert not any(t.shape == x.shape and t.dtype == wide for t in saved), "a wide copy of x was kept"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_scores_of_few_tokens_equal_their_scores_among_many(dtype):
+    """The few-token path (a decode step: a product and a sum in float64) gives a batch-invariant scorer's tokens
+    the bits the chunked matrix product gives them in a long sequence, and the same gradients as the wide matmul."""
+    torch.manual_seed(0)
+    scorer = TokenScorer(48, 3, batch_invariant=True)
+    x = torch.randn(2, router_module.FEW_SCORED_TOKENS, 48).to(dtype)
+    among_many = scorer.scores(x)
+    for token in (0, 17, x.shape[1] - 1):
+        alone = scorer.scores(x[:, token : token + 1])
+        assert torch.equal(alone, among_many[..., token : token + 1]), f"token {token}"
+
+    few = x[:, :5].clone().requires_grad_()
+    scores = scorer.scores(few)
+    upstream = torch.randn_like(scores)
+    scores.backward(upstream)
+    widened = few.detach().double().requires_grad_()
+    vectors = scorer.routing_vectors.detach().double().requires_grad_()
+    (widened @ vectors.T).transpose(1, 2).backward(upstream.double())
+    torch.testing.assert_close(few.grad, widened.grad.to(dtype))
+    torch.testing.assert_close(scorer.routing_vectors.grad, vectors.grad.float(), rtol=1e-6, atol=1e-6)
