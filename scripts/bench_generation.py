@@ -176,8 +176,10 @@ def measure(
     with torch.no_grad():
         # The first generate() at this shape: one-time costs (the router's Triton kernels compile for each new row
         # length: the prompt's blocks and the first re-routing; CUDA-graph capture; torch.compile where asked).
-        first, _ = timed_generate(model, prompt, 2, device, **settings)
-        prefill, _ = timed_generate(model, prompt, 1, device, **settings)
+        # [0]: each output (and the cache in it) is dropped before the next generate() allocates its own; Llama's
+        # static cache at 128k and batch 8 is 26 GB, and two of them at once ran an H100 out of memory.
+        first = timed_generate(model, prompt, 2, device, **settings)[0]
+        prefill = timed_generate(model, prompt, 1, device, **settings)[0]
         if settings:  # a static cache of another length is compiled for anew: not inside the timed run
             timed_generate(model, prompt, new_tokens, device, **settings)
         if device.type == "cuda":
