@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colt5 import decode_attention as decode_attention_module
 from colt5.decode_attention import decode_attention, decode_attention_reference
 from colt5.decode_attention_triton import decode_attention_triton
 
