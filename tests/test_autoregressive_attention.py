@@ -70,8 +70,9 @@ def test_the_reference_layer_looks_at_later_tokens_of_its_window():
     assert max(changes_before_and_after(layer, x, t)[0] for t in (17, 20, 33, 36)) > 1e-3
 
 
-def test_decoding_with_a_cache_equals_the_full_forward():
-    layer = make_layer().eval()
+@pytest.mark.parametrize("null_kv", [False, True])
+def test_decoding_with_a_cache_equals_the_full_forward(null_kv):
+    layer = make_layer(null_kv=null_kv).eval()
     x = torch.randn(2, 40, DIM)
     cache = CoLT5Cache(num_hidden_layers=1)
     with torch.no_grad():
