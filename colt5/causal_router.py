@@ -418,7 +418,10 @@ def validate_capacity(factor_name: str, factor: float | None, burst_name: str, b
 def _recomputing() -> bool:
     """Whether this call runs inside a backward pass (activation checkpointing recomputing a forward), the test
     FSDP uses: such a call must route as the first pass did and count nothing. A recomputation always has gradients
-    on, so a call without them is none (and a compiled decode step never asks the autograd engine)."""
+    on, so a call without them is none (and a compiled decode step never asks the autograd engine). Neither is a
+    call being traced by torch.compile: a compiled backward replays the traced graph and never calls this Python."""
+    if torch.compiler.is_compiling():
+        return False
     return torch.is_grad_enabled() and torch._C._current_graph_task_id() != -1
 
 

@@ -38,7 +38,7 @@ TILES = (
 @triton.jit
 def _tile_kernel(
     q_ptr, keys_ptr, values_ptr, mask_ptr, max_ptr, sum_ptr, acc_ptr,
-    heads, n, head_dim, scale,
+    heads, n, head_dim, scale: tl.constexpr,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mn,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -74,7 +74,7 @@ def _tile_kernel(
 @triton.jit
 def _combine_kernel(
     max_ptr, sum_ptr, acc_ptr, q_ptr, null_ptr, out_ptr,
-    heads, tiles, head_dim, scale,
+    heads, tiles, head_dim, scale: tl.constexpr,
     stride_qb, stride_qh, stride_null,
     HAS_NULL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):

@@ -128,7 +128,7 @@ def _attend_tile(
 def _fwd_kernel(
     q_ptr, keys_ptr, values_ptr, memory_index_ptr, memory_weights_ptr, block_index_ptr, query_slot_ptr,
     out_ptr, lse_ptr,
-    blocks, n, slots, block, queries, qk_scale,
+    blocks, n, slots, block, queries, qk_scale: tl.constexpr,
     SETS: tl.constexpr, HEADS_PER_SET: tl.constexpr, HEAD_DIM: tl.constexpr, MULTIPLY_KEYS: tl.constexpr,
     EVERY_QUERY: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -181,7 +181,7 @@ def _probabilities(q, k_att, lse, allowed, qk_scale, PRECISION: tl.constexpr):
 def _bwd_keys_kernel(
     q_ptr, keys_ptr, values_ptr, memory_index_ptr, memory_weights_ptr, block_index_ptr, query_slot_ptr,
     grad_out_ptr, lse_ptr, delta_ptr, grad_keys_ptr, grad_values_ptr, grad_weights_ptr,
-    blocks, n, slots, block, queries, memory_tiles, sm_scale, qk_scale,
+    blocks, n, slots, block, queries, memory_tiles, sm_scale: tl.constexpr, qk_scale: tl.constexpr,
     SETS: tl.constexpr, HEADS_PER_SET: tl.constexpr, HEAD_DIM: tl.constexpr, MULTIPLY_KEYS: tl.constexpr,
     EVERY_QUERY: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -244,7 +244,7 @@ def _bwd_keys_kernel(
 def _bwd_queries_kernel(
     q_ptr, keys_ptr, values_ptr, memory_index_ptr, memory_weights_ptr, block_index_ptr, query_slot_ptr,
     grad_out_ptr, lse_ptr, delta_ptr, grad_q_ptr,
-    blocks, n, slots, block, queries, sm_scale, qk_scale,
+    blocks, n, slots, block, queries, sm_scale: tl.constexpr, qk_scale: tl.constexpr,
     SETS: tl.constexpr, HEADS_PER_SET: tl.constexpr, HEAD_DIM: tl.constexpr, MULTIPLY_KEYS: tl.constexpr,
     EVERY_QUERY: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):

@@ -162,6 +162,8 @@ def route(
     else:
         block_tokens = _share_among_blocks(num_tokens, block_valid.sum(-1), block_size)
 
+    # A block can take more than an even share when others are short of valid tokens: size for the worst case.
+    per_block = min(block_size, max_tokens)
     lambdas = soft_topk(
         block_scores,
         fetch_ratio * block_tokens.to(torch.float64),
@@ -170,10 +172,9 @@ def route(
         n_iters=n_iters,
         eps_schedule=eps_schedule,
         backend=backend,
+        max_amount=fetch_ratio * per_block,
     )
 
-    # A block can take more than an even share when others are short of valid tokens: size for the worst case.
-    per_block = min(block_size, max_tokens)
     indices, slot_mask = _select(block_scores, block_valid, block_tokens, per_block)
     indices = indices + torch.arange(blocks, device=scores.device).unsqueeze(-1) * block_size
     indices, slot_mask = _sort_by_position(

@@ -125,7 +125,8 @@ def flex_sliding_window_attention(
     else:
         valid = F.pad(valid.bool(), (0, tail), value=False)
         block_mask = window_block_mask(n + tail, window, causal, valid, q.device)
-    if not q.is_cuda:
+    if not q.is_cuda or torch.compiler.is_compiling():
+        # Inside a compiled caller, the caller's compilation fuses flex_attention itself.
         return flex_attention(q, k, v, block_mask=block_mask)[:, :, :n]
     # The limit counts variants of the mask function, grad mode and autocast state in one process (training,
     # evaluation, generation, benchmarks); past it torch.compile would silently run the unfused implementation.

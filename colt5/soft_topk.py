@@ -93,10 +93,12 @@ def _lambdas_at_shift(
 
 class _ExactSoftTopk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(
+        ctx, scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, eps: float, max_amount: float | None
+    ) -> torch.Tensor:
         z = scores / eps
         saturated = _saturated_rows(k, valid)
-        alpha = exact_shift(z, torch.where(saturated, torch.zeros_like(k), k), valid)
+        alpha = exact_shift(z, torch.where(saturated, torch.zeros_like(k), k), valid, max_amount)
         lambdas, unsaturated = _lambdas_at_shift(z + alpha.unsqueeze(-1), valid, saturated)
         ctx.save_for_backward(lambdas, unsaturated)
         ctx.eps = eps
@@ -109,7 +111,7 @@ class _ExactSoftTopk(torch.autograd.Function):
         weight = torch.where(unsaturated, lambdas / ctx.eps, torch.zeros_like(lambdas))
         total = weight.sum(-1, keepdim=True)
         mean_grad = (weight * grad_lambdas).sum(-1, keepdim=True) / total.clamp_min(torch.finfo(total.dtype).tiny)
-        return weight * (grad_lambdas - mean_grad), None, None, None
+        return weight * (grad_lambdas - mean_grad), None, None, None, None
 
 
 class _IterativeSoftTopk(torch.autograd.Function):
@@ -207,6 +209,7 @@ def soft_topk(
     n_iters: int | None = None,
     eps_schedule: Sequence[float] | None = None,
     backend: str = "auto",
+    max_amount: float | None = None,
 ) -> torch.Tensor:
     """Soft top-k weights of each row of `scores`.
 
@@ -219,6 +222,9 @@ def soft_topk(
         n_iters: None for the exact fixed point, else the number of coordinate-descent iterations.
         eps_schedule: `(start, decay)` for eps-scaling over the iterations (iterative mode only).
         backend: "auto", "torch" or "triton" (see `uses_triton`).
+        max_amount: a bound on the amounts `k` known to the caller. The PyTorch exact mode sorts that many top
+            scores; without it (and with a tensor `k`) it reads `k.max()` from the device, a host synchronisation
+            and a break in a torch.compile graph.
 
     Returns:
         `(..., n)` lambdas in [0, 1] summing to `min(k, valid count)` per row (exactly in exact mode), in the
@@ -252,7 +258,8 @@ def soft_topk(
         torch.ones_like(rows, dtype=torch.bool) if valid is None else valid.expand_as(scores).reshape(-1, n)
     )
     if n_iters is None:
-        lambdas = _ExactSoftTopk.apply(rows, k_rows, valid_rows, float(eps))
+        bound = max_amount if max_amount is not None or torch.is_tensor(k) else float(k)
+        lambdas = _ExactSoftTopk.apply(rows, k_rows, valid_rows, float(eps), bound)
     else:
         lambdas = _IterativeSoftTopk.apply(rows, k_rows, valid_rows, eps_steps_for(n_iters, eps, eps_schedule))
     return lambdas.reshape(*batch_shape, n)

@@ -84,7 +84,7 @@ def _span_stats(scores_ptr, valid_ptr, row, start, stop, n, eps, HAS_MASK: tl.co
 
 
 @triton.jit
-def _row_stats_kernel(scores_ptr, valid_ptr, stats_ptr, n, chunk, eps, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+def _row_stats_kernel(scores_ptr, valid_ptr, stats_ptr, n, chunk, eps: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     span_max, span_sum, span_count = _span_stats(
@@ -238,7 +238,7 @@ def _trial_sums(scores_ptr, valid_ptr, row, start, stop, n, eps, trials, HAS_MAS
 
 @triton.jit
 def _refine_kernel(scores_ptr, valid_ptr, k_ptr, stats_ptr, state_in_ptr, sums_in_ptr, state_out_ptr, sums_out_ptr,
-                   n, chunk, eps, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+                   n, chunk, eps: tl.constexpr, FIRST: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
                    T: tl.constexpr, P2: tl.constexpr):
     """One parallel trial pass: every program of a row combines the previous pass (same result in each), picks
     the trials, and measures them on its chunk. Program 0 of the row records the state for the next launch."""
@@ -304,7 +304,7 @@ def _settle(scores_ptr, valid_ptr, row, n, eps, k, hi_t, hi_c, hi_s, hi_known, l
 
 
 @triton.jit
-def _finish_kernel(scores_ptr, valid_ptr, k_ptr, state_ptr, sums_ptr, final_ptr, n, eps, parts, max_passes,
+def _finish_kernel(scores_ptr, valid_ptr, k_ptr, state_ptr, sums_ptr, final_ptr, n, eps: tl.constexpr, parts, max_passes,
                    HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, T: tl.constexpr, P2: tl.constexpr):
     """One program per row: takes the last parallel pass in and settles rows still open by serial passes.
     Writes the threshold, the row mode and the serial pass count."""
@@ -341,7 +341,7 @@ def _write_lambdas(scores_ptr, valid_ptr, lambdas_ptr, row, start, stop, n, eps,
 
 
 @triton.jit
-def _write_lambdas_kernel(scores_ptr, valid_ptr, final_ptr, lambdas_ptr, n, chunk, eps, HAS_MASK: tl.constexpr,
+def _write_lambdas_kernel(scores_ptr, valid_ptr, final_ptr, lambdas_ptr, n, chunk, eps: tl.constexpr, HAS_MASK: tl.constexpr,
                           BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
@@ -352,7 +352,7 @@ def _write_lambdas_kernel(scores_ptr, valid_ptr, final_ptr, lambdas_ptr, n, chun
 
 
 @triton.jit
-def _exact_row_kernel(scores_ptr, valid_ptr, k_ptr, lambdas_ptr, final_ptr, n, eps, max_passes,
+def _exact_row_kernel(scores_ptr, valid_ptr, k_ptr, lambdas_ptr, final_ptr, n, eps: tl.constexpr, max_passes,
                       HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, T: tl.constexpr):
     """The whole exact forward of a row in one program (rows short enough, or enough rows, to fill the GPU):
     statistics, serial trial passes, lambda."""
@@ -457,7 +457,7 @@ def _span_weighted_sums(lambdas_ptr, grad_ptr, row, start, stop, n, eps, BLOCK: 
 
 
 @triton.jit
-def _weighted_sums_kernel(lambdas_ptr, grad_ptr, sums_ptr, n, chunk, eps, BLOCK: tl.constexpr):
+def _weighted_sums_kernel(lambdas_ptr, grad_ptr, sums_ptr, n, chunk, eps: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     total_wg, total_w = _span_weighted_sums(lambdas_ptr, grad_ptr, row, part * chunk, part * chunk + chunk, n, eps,
@@ -482,7 +482,7 @@ def _row_weighted_sums(lambdas_ptr, grad_ptr, sums_ptr, row, n, eps, FUSED: tl.c
 
 
 @triton.jit
-def _exact_backward_kernel(lambdas_ptr, grad_ptr, sums_ptr, out_ptr, n, chunk, eps, FUSED: tl.constexpr,
+def _exact_backward_kernel(lambdas_ptr, grad_ptr, sums_ptr, out_ptr, n, chunk, eps: tl.constexpr, FUSED: tl.constexpr,
                            BLOCK: tl.constexpr, P2: tl.constexpr):
     """dL/ds = w * (g - sum(w g) / sum(w)) (implicit gradient of the fixed point)."""
     row = tl.program_id(0).to(tl.int64)
@@ -502,7 +502,7 @@ def _exact_backward_kernel(lambdas_ptr, grad_ptr, sums_ptr, out_ptr, n, chunk, e
 
 @triton.jit
 def _iterative_backward_kernel(scores_ptr, valid_ptr, lambdas_ptr, grad_ptr, sums_ptr, eps_ptr, shifts_ptr, lse_ptr,
-                               capped_ptr, out_ptr, n, chunk, n_steps, last_eps, HAS_MASK: tl.constexpr,
+                               capped_ptr, out_ptr, n, chunk, n_steps, last_eps: tl.constexpr, HAS_MASK: tl.constexpr,
                                FUSED: tl.constexpr, BLOCK: tl.constexpr, P2: tl.constexpr):
     """Backward through the shift recursion: the last shift carries G = sum(w g); step t (from the last down)
     takes G_t * softmax_t(j) from every token below its cap and passes G_{t-1} = G_t * (softmax mass of the
@@ -553,6 +553,8 @@ def _layout(rows: int, n: int, device: torch.device) -> tuple[int, int]:
 def _mask_arg(valid: torch.Tensor | None, scores: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if valid is None:
         return scores, False  # never read
+    if torch.compiler.is_compiling():
+        return valid.to(torch.uint8), True  # Inductor cannot reinterpret bool storage; a copy of one byte a token
     return valid.contiguous().view(torch.uint8), True
 
 
