@@ -564,6 +564,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--compile", action="store_true", help="also run each layer and model compiled")
+    parser.add_argument("--no-copies", action="store_true", help="skip the rows of the heavy attention by copies")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, to check the script runs")
     parser.add_argument("--replot", default=None, help="only redraw --plot from this JSON file of an earlier run")
     args = parser.parse_args()
@@ -614,7 +615,7 @@ def main() -> None:
         for n in args.lengths:
             torch.manual_seed(n)
             rows = {"ours": measure_layer(ours(kind, n), n, dtype, device, graph=True)}
-            if kind in ("causal attention", "causal block"):
+            if kind in ("causal attention", "causal block") and not args.no_copies:
                 torch.manual_seed(n)
                 with heavy_attention_by_copies():
                     rows["copies"] = measure_layer(ours(kind, n), n, dtype, device, graph=True)
@@ -667,7 +668,7 @@ def main() -> None:
             tokens_per_step = 2 * n if args.smoke else MODEL_TOKENS_PER_STEP
             measure = dict(task=task, n=n, device=device, tokens_per_step=tokens_per_step)
             results = {name: measure_model(model, **measure) for name, model in pair.items()}
-            if task == "causal":
+            if task == "causal" and not args.no_copies:
                 torch.manual_seed(0)
                 with heavy_attention_by_copies():
                     results["colt5 copies"] = measure_model(model_pair(task, n, args.smoke)["colt5"], **measure)
