@@ -384,7 +384,9 @@ def model_pair(task: str, n: int, smoke: bool) -> dict[str, nn.Module]:
     }
 
 
-def measure_model(model: nn.Module, task: str, n: int, device: torch.device, tokens_per_step: int) -> dict:
+def measure_model(
+    model: nn.Module, task: str, n: int, device: torch.device, tokens_per_step: int, graph: bool = True
+) -> dict:
     batch = max(1, tokens_per_step // n)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -412,7 +414,7 @@ def measure_model(model: nn.Module, task: str, n: int, device: torch.device, tok
         result.update(step_ms=step_ms, tokens_per_s=batch * n / step_ms * 1e3, peak_gb=peak_mb(step) / 1024)
     except torch.OutOfMemoryError:
         result["error"] = "out of memory"
-    if device.type == "cuda" and "error" not in result:
+    if graph and device.type == "cuda" and "error" not in result:
         try:
             graph_ms = timed(graphed_training_step(loss, optimizer), budget_s=1.0)
             result["graph_tokens_per_s"] = batch * n / graph_ms * 1e3
@@ -675,7 +677,10 @@ def main() -> None:
             if args.compile:
                 torch.manual_seed(0)
                 for name, model in model_pair(task, n, args.smoke).items():
-                    results[f"{name} compiled"] = measure_model(compile_layers(model), **measure)
+                    # Capturing the compiled Llama fails (a random-number offset advanced outside the capture)
+                    # and leaves the CUDA context unusable for every later row.
+                    graph = name == "colt5"
+                    results[f"{name} compiled"] = measure_model(compile_layers(model), **measure, graph=graph)
             baseline_speeds = [
                 speed
                 for name, row in results.items()
