@@ -7,6 +7,9 @@ largest logit m_t, its sum of exponentials l_t = sum exp(s - m_t) and its weight
 one program per (sample and head) then combines the tiles, with M = max_t m_t (and the null key's logit, if any):
 out = sum_t exp(m_t - M) a_t / sum_t exp(m_t - M) l_t. A tile with no allowed key has m_t = -inf and weighs
 nothing; a query with none at all gets zeros, as SDPA gives.
+
+Float arguments (the softmax scale) are compile-time constants (`tl.constexpr`): Inductor passes a Python float to a
+kernel it launches as float64 (eager Triton, as float32), which would widen the arithmetic around it.
 """
 
 from __future__ import annotations

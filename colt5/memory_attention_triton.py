@@ -15,6 +15,9 @@ recurrences, recomputing the probabilities from the log-sum-exp): one program pe
 the row's queries, accumulates the gradients of its keys, values and weights and adds them, by index, to
 float32 buffers (a token is in the memory of several blocks, hence atomics; summation order, and so the last bits,
 can differ between runs); one program per (tile of queries, row, head) computes the queries' gradient.
+
+Float arguments (the softmax scales) are compile-time constants (`tl.constexpr`): Inductor passes a Python float to a
+kernel it launches as float64 (eager Triton, as float32), which would widen the arithmetic around it.
 """
 
 from __future__ import annotations

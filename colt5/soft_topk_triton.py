@@ -22,7 +22,10 @@ runs it (a pass over the row per iteration, served from L2 for long rows) and st
 log-sum-exp and count of capped tokens. The backward replays that scalar recursion in every program and needs one
 reduction and one write pass, whatever the iteration count.
 
-All arithmetic is float32; scores may be float32, bfloat16 or float16.
+All arithmetic is float32; scores may be float32, bfloat16 or float16. The float argument eps is a compile-time
+constant (`tl.constexpr`): Inductor passes a Python float to a kernel it launches as float64 (eager Triton, as
+float32), which would widen the arithmetic around it, and stops a kernel from building where a float32 loop
+variable meets it.
 """
 
 from __future__ import annotations
@@ -84,7 +87,8 @@ def _span_stats(scores_ptr, valid_ptr, row, start, stop, n, eps, HAS_MASK: tl.co
 
 
 @triton.jit
-def _row_stats_kernel(scores_ptr, valid_ptr, stats_ptr, n, chunk, eps: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+def _row_stats_kernel(scores_ptr, valid_ptr, stats_ptr, n, chunk, eps: tl.constexpr, HAS_MASK: tl.constexpr,
+                      BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     span_max, span_sum, span_count = _span_stats(
@@ -304,8 +308,8 @@ def _settle(scores_ptr, valid_ptr, row, n, eps, k, hi_t, hi_c, hi_s, hi_known, l
 
 
 @triton.jit
-def _finish_kernel(scores_ptr, valid_ptr, k_ptr, state_ptr, sums_ptr, final_ptr, n, eps: tl.constexpr, parts, max_passes,
-                   HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, T: tl.constexpr, P2: tl.constexpr):
+def _finish_kernel(scores_ptr, valid_ptr, k_ptr, state_ptr, sums_ptr, final_ptr, n, eps: tl.constexpr, parts,
+                   max_passes, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, T: tl.constexpr, P2: tl.constexpr):
     """One program per row: takes the last parallel pass in and settles rows still open by serial passes.
     Writes the threshold, the row mode and the serial pass count."""
     row = tl.program_id(0).to(tl.int64)
@@ -341,8 +345,8 @@ def _write_lambdas(scores_ptr, valid_ptr, lambdas_ptr, row, start, stop, n, eps,
 
 
 @triton.jit
-def _write_lambdas_kernel(scores_ptr, valid_ptr, final_ptr, lambdas_ptr, n, chunk, eps: tl.constexpr, HAS_MASK: tl.constexpr,
-                          BLOCK: tl.constexpr):
+def _write_lambdas_kernel(scores_ptr, valid_ptr, final_ptr, lambdas_ptr, n, chunk, eps: tl.constexpr,
+                          HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     threshold = tl.load(final_ptr + row * 3)

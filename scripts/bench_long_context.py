@@ -606,8 +606,8 @@ def main() -> None:
                 )
 
     print(
-        f"\nlayers: batch {BATCH}, width {DIM}; ms per call; x = the faster dense time (eager or compiled) / this row's; "
-        "first s: the first forward+backward"
+        f"\nlayers: batch {BATCH}, width {DIM}; ms per call; x = the faster dense time (eager or compiled) / this "
+        "row's; first s: the first forward+backward"
     )
     print(
         f"{'layer':20s} {'n':>7s} {'impl':14s} {'fwd ms':>9s} {'f+b ms':>9s} {'peak MB':>9s} {'x f+b':>7s} "
@@ -647,7 +647,9 @@ def main() -> None:
                 floor_note = f"{row['fwd_bwd_ms'] / floor:9.1f}x" if impl == "ours" and math.isfinite(floor) else ""
                 graphed = row.get("graph_fwd_bwd_ms")
                 graph_note = f"{graphed:10.3f}" if graphed else ""
-                graph_ratio = f"{best_dense_graph / graphed:8.2f}" if graphed and routed and math.isfinite(best_dense_graph) else ""
+                graph_ratio = ""
+                if graphed and routed and math.isfinite(best_dense_graph):
+                    graph_ratio = f"{best_dense_graph / graphed:8.2f}"
                 print(
                     f"{kind:20s} {n:7d} {impl:14s} {row['fwd_ms']:9.3f} {row['fwd_bwd_ms']:9.3f} {row['peak_mb']:9.0f} "
                     f"{ratio:7.2f} {floor_note:>10s} {graph_note:>10s} {graph_ratio:>8s} {row['first_s']:8.2f}",

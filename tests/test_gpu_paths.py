@@ -188,7 +188,7 @@ def test_a_compiled_causal_training_step_equals_eager():
     the kernels take them as constants), and its loss and every gradient equal the eager model's (float32, relative
     L2 error of each gradient at most 1e-4)."""
     torch.manual_seed(0)
-    eager, step = sync_free_case("model")
+    eager, _ = sync_free_case("model")
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
     ids = torch.randint(3, 384, (2, 512), device="cuda")
