@@ -37,12 +37,8 @@ from .spellings import one_spelling
 
 
 def project(x: torch.Tensor, *projections: nn.Linear) -> tuple[torch.Tensor, ...]:
-    """`x` `(..., dim)` through several bias-free projections. Where gradients flow, as one matmul of the
-    concatenated weights: the backward pass makes one gradient matmul back to x instead of one per projection plus
-    the sums. Without gradients (inference, decoding) one matmul each: the concatenation would copy every weight on
-    every call, which costs a decode step more than reading its few tokens' x again."""
-    if not (torch.is_grad_enabled() and (x.requires_grad or any(p.weight.requires_grad for p in projections))):
-        return tuple(F.linear(x, projection.weight) for projection in projections)
+    """`x` `(..., dim)` through several bias-free projections as one matmul: x is read once, and the backward pass
+    makes one gradient matmul back to x instead of one per projection plus the sums."""
     weight = torch.cat([projection.weight for projection in projections])
     return F.linear(x, weight).split([projection.out_features for projection in projections], dim=-1)
 

@@ -254,33 +254,43 @@ WIDE_SCORE_CHUNK_ELEMENTS = 1 << 26
 
 
 class _WideScores(torch.autograd.Function):
-    """`x @ vectors.T` computed in the vectors' (wider) dtype without a wide copy of x.
+    """`x @ vectors.T` summed in the vectors' (wider) dtype without a wide copy of x, rounded to float32.
 
     `x.to(float32) @ v.T` would make, and keep for the backward pass, a float32 copy of the whole sequence: 2 GiB per
-    router for a million bf16 tokens of width 512. Here x is widened a chunk of tokens at a time, both ways.
+    router for a million bf16 tokens of width 512. Here x is widened a chunk of tokens at a time, both ways. Traced by
+    torch.compile, the forward is a product and a sum instead, which Inductor fuses into one reduction that reads x
+    once: the chunked product ran float64 cuBLAS kernels on widened copies, 4.4 of the 120 ms of device time of a
+    compiled 32k-token training step of the benchmark's model (H100).
+
+    The gradients are float32 products (only the forward's sums need float64, for batch invariance). With float64
+    ones, Inductor fused the float64 gradient of x into a float32 reduction of the RMSNorm's backward and failed to
+    build the kernel ("loop-carried variable ... fp32 ... re-assigned to fp64", torch 2.11).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """`x` `(batch, n, dim)`, `vectors` `(sets, dim)` -> `(batch, n, sets)` in the vectors' dtype."""
+        """`x` `(batch, n, dim)`, `vectors` `(sets, dim)` -> `(batch, n, sets)` float32."""
         ctx.save_for_backward(x, vectors)
-        scores = [chunk.to(vectors.dtype) @ vectors.T for chunk in _WideScores._chunks(x)]
+        if torch.compiler.is_compiling():
+            return (x.unsqueeze(-2).to(vectors.dtype) * vectors).sum(-1).float()
+        scores = [(chunk.to(vectors.dtype) @ vectors.T).float() for chunk in _WideScores._chunks(x)]
         return scores[0] if len(scores) == 1 else torch.cat(scores, dim=1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, vectors = ctx.saved_tensors
+        narrow = vectors.float()
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_vectors = torch.zeros_like(vectors) if ctx.needs_input_grad[1] else None
+        grad_vectors = torch.zeros_like(narrow) if ctx.needs_input_grad[1] else None
         start = 0
         for chunk in _WideScores._chunks(x):
-            chunk_grad = grad[:, start : start + chunk.shape[1]]
+            chunk_grad = grad[:, start : start + chunk.shape[1]].float()
             if grad_x is not None:
-                grad_x[:, start : start + chunk.shape[1]] = chunk_grad @ vectors
+                grad_x[:, start : start + chunk.shape[1]] = chunk_grad @ narrow
             if grad_vectors is not None:
-                grad_vectors += torch.einsum("bns,bnd->sd", chunk_grad, chunk.to(vectors.dtype))
+                grad_vectors += torch.einsum("bns,bnd->sd", chunk_grad, chunk.float())
             start += chunk.shape[1]
-        return grad_x, grad_vectors
+        return grad_x, None if grad_vectors is None else grad_vectors.to(vectors.dtype)
 
     @staticmethod
     def _chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -240,3 +240,38 @@ def test_scores_of_few_tokens_equal_their_scores_among_many(dtype):
     (widened @ vectors.T).transpose(1, 2).backward(upstream.double())
     torch.testing.assert_close(few.grad, widened.grad.to(dtype))
     torch.testing.assert_close(scorer.routing_vectors.grad, vectors.grad.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_scores_of_many_tokens_equal_the_chunked_product():
+    """Traced by torch.compile, many tokens are scored by a product and a sum (no matrix product: one fused
+    reduction under Inductor): the same float32 scores as the eager chunked float64 product, and float32 gradients
+    equal to eager's."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    forward_ops = []
+
+    def record_forward(graph, _):
+        forward_ops.extend(node.target for node in graph.graph.nodes if node.op == "call_function")
+        return make_boxed_func(graph.forward)
+
+    backend = aot_autograd(fw_compiler=record_forward, bw_compiler=lambda graph, _: make_boxed_func(graph.forward))
+    torch.manual_seed(0)
+    scorer = TokenScorer(48, 2, batch_invariant=True)
+    x = torch.randn(2, 3 * router_module.FEW_SCORED_TOKENS, 48).to(torch.bfloat16)
+
+    def scores_and_grads(score):
+        leaf = x.clone().requires_grad_()
+        scorer.zero_grad()
+        scores = score(leaf)
+        scores.backward(torch.linspace(-1, 1, scores.numel()).view_as(scores))
+        return scores.detach(), leaf.grad, scorer.routing_vectors.grad.clone()
+
+    eager = scores_and_grads(scorer.scores)
+    torch._dynamo.reset()
+    compiled = scores_and_grads(torch.compile(scorer.scores, backend=backend, fullgraph=True))
+    assert torch.ops.aten.mul.Tensor in forward_ops and torch.ops.aten.mm.default not in forward_ops, forward_ops
+    assert eager[0].dtype == compiled[0].dtype == torch.float32
+    assert torch.equal(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1], eager[1])
+    torch.testing.assert_close(compiled[2], eager[2], rtol=1e-6, atol=1e-6)
