@@ -10,7 +10,6 @@ from colt5 import (
     ConditionalRoutedFeedForward,
     ConditionalRoutedTransformerBlock,
 )
-from colt5.routed_attention import project
 from conftest import colt5_design
 
 DIM = 32
@@ -401,21 +400,3 @@ def test_default_position_ids_are_arange():
         default = attn(x)
         explicit = attn(x, None, torch.arange(30).expand(2, 30))
     assert torch.equal(default, explicit)
-
-
-def test_projections_without_gradients_equal_the_concatenated_matmul():
-    """`project` runs one matmul per weight when no gradient flows (no concatenated copy of the weights at every
-    decode step) and one over the concatenated weights otherwise: both give the same projections, in order (float32,
-    within 1e-6), and the gradient path still reaches x and every weight."""
-    torch.manual_seed(0)
-    projections = [torch.nn.Linear(DIM, width, bias=False) for width in (16, 8, 24)]
-    x = torch.randn(2, 5, DIM, requires_grad=True)
-    with_gradients = project(x, *projections)
-    with torch.no_grad():
-        without = project(x, *projections)
-    for got, expected, projection in zip(without, with_gradients, projections):
-        assert got.shape == (2, 5, projection.out_features)
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-        torch.testing.assert_close(got, x.detach() @ projection.weight.detach().T, rtol=0, atol=1e-6)
-    sum(t.square().sum() for t in with_gradients).backward()
-    assert x.grad is not None and all(p.weight.grad is not None for p in projections)
