@@ -428,10 +428,12 @@ def measure_model(
 
 
 def compile_layers(model: nn.Module) -> nn.Module:
-    """Regional compilation: each decoder (encoder) layer of the model compiled with torch.compile."""
+    """Regional compilation: each decoder (encoder) layer of the model compiled with torch.compile, for static shapes
+    (each length of the run compiles afresh, as a training run at one length would; the recompilation with dynamic
+    shapes that a second length would otherwise trigger failed in Inductor's backward, torch 2.11)."""
     base = model.base_model
     for layer in base.layers if hasattr(base, "layers") else base.encoder.layer:
-        layer.compile()
+        layer.compile(dynamic=False)
     return model
 
 
