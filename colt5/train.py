@@ -731,6 +731,12 @@ def main(argv: list[str] | None = None) -> None:
             tokenizer.save_pretrained(args.output_dir)
     else:
         trainer.save_model()
+    if torch.distributed.is_initialized():
+        # Every process leaves the process group once the checkpoint is saved, before the others exit: a rank that
+        # exited with the group's threads alive aborted once at interpreter shutdown ("terminate called without an
+        # active exception", 2 CPU processes). What follows (summary, sample, push) runs on rank 0 alone.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if not trainer.is_world_process_zero():
         return
     curves = loss_curves(trainer.state.log_history)
