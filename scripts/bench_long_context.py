@@ -32,8 +32,12 @@ compiles one graph and reuses it). "first s" is the first call's (step's) wall t
 apart from the steady rate. In the model table "x best" is a CoLT5 row's tokens/s over the faster of the baseline's
 eager and compiled rows.
 
+With --profile-models N, torch.profiler records 3 training steps of each causal model at N tokens (compiled with
+--compile on a GPU) and prints the device time per step by kernel family (heavy attention, light attention, router,
+rotary, SDPA (dense attention), matrix products, Inductor's fused kernels) and the largest kernels: where a step's time goes.
+
 Usage: python scripts/bench_long_context.py [--lengths 4096 ... 131072] [--model-lengths 8192 32768 65536]
-       [--profile 32768] [--compile] [--json results/x.json] [--plot results/x.png]
+       [--profile 32768] [--profile-models 32768] [--compile] [--json results/x.json] [--plot results/x.png]
        (--smoke: tiny sizes on CPU, to check the script runs)
 """
 
@@ -384,9 +388,9 @@ def model_pair(task: str, n: int, smoke: bool) -> dict[str, nn.Module]:
     }
 
 
-def measure_model(
-    model: nn.Module, task: str, n: int, device: torch.device, tokens_per_step: int, graph: bool = True
-) -> dict:
+def training_step(model: nn.Module, task: str, n: int, device: torch.device, tokens_per_step: int):
+    """The model on `device` with an AdamW optimizer and a batch of max(1, tokens_per_step / n) random sequences:
+    returns (step, loss, optimizer, batch), where step() runs loss().backward() and the optimizer step."""
     batch = max(1, tokens_per_step // n)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -404,6 +408,13 @@ def measure_model(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step, loss, optimizer, batch
+
+
+def measure_model(
+    model: nn.Module, task: str, n: int, device: torch.device, tokens_per_step: int, graph: bool = True
+) -> dict:
+    step, loss, optimizer, batch = training_step(model, task, n, device, tokens_per_step)
     result = dict(batch=batch, params_m=sum(p.numel() for p in model.parameters()) / 1e6)
     try:
         start = time.perf_counter()
@@ -515,6 +526,73 @@ def profile_layer(kind: str, n: int, dtype: torch.dtype, device: torch.device, t
     return "\n".join(lines)
 
 
+# Kernel families of a training step, by kernel name (first match wins: FlexAttention's kernels are Triton
+# templates, "triton_tem...", before Inductor's other fused kernels, "triton_...").
+KERNEL_FAMILIES = (
+    ("heavy attention (memory_attention_triton)", ("_fwd_kernel", "_bwd_keys_kernel", "_bwd_queries_kernel")),
+    ("light attention (FlexAttention)", ("flex", "triton_tem")),
+    ("router (soft_topk_triton)", ("soft_topk", "_router")),
+    ("rotary (rotary_triton)", ("_rotary",)),
+    ("SDPA", ("flash", "fmha", "cudnn", "scaled_dot_product")),
+    ("matrix products (cuBLAS)", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_", "splitk")),
+    ("fused by Inductor", ("triton_",)),
+)
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    for family, patterns in KERNEL_FAMILIES:
+        if any(lowered.startswith(pattern) if pattern.startswith("_") else pattern in lowered for pattern in patterns):
+            return family
+    return "other"
+
+
+def profile_model(
+    name: str, model: nn.Module, n: int, device: torch.device, tokens_per_step: int, top: int = 12
+) -> str:
+    """torch.profiler over 3 training steps of a causal model (after 3 warm-up steps): device time per step by
+    kernel family and the largest kernels (on a CPU: operator self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step, _, optimizer, batch = training_step(model, "causal", n, device, tokens_per_step)
+    for _ in range(3):
+        step()
+    sync()
+    cuda = device.type == "cuda"
+    steps = 3
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+    wall = (time.perf_counter() - start) / steps * 1e3
+    events = [e for e in prof.key_averages() if e.device_type.name == ("CUDA" if cuda else "CPU")]
+
+    def own_ms(event) -> float:
+        return (event.self_device_time_total if cuda else event.self_cpu_time_total) / steps / 1e3
+
+    busy = sum(own_ms(e) for e in events)
+    lines = [
+        f"{name}, n={n}, batch {batch}: wall {wall:.1f} ms per profiled step, {'device' if cuda else 'CPU'} busy "
+        f"{busy:.1f} ms, {sum(e.count for e in events) / steps:.0f} {'kernels' if cuda else 'operators'} per step"
+    ]
+    families: dict[str, list[float]] = {}
+    for event in events:
+        family = families.setdefault(kernel_family(event.key), [0.0, 0])
+        family[0] += own_ms(event)
+        family[1] += event.count / steps
+    for family, (ms, count) in sorted(families.items(), key=lambda item: -item[1][0]):
+        lines.append(f"    {ms:8.2f} ms {ms / busy:6.1%}  x{count:<6.0f} {family}")
+    lines.append("  largest:")
+    for event in sorted(events, key=lambda e: -own_ms(e))[:top]:
+        lines.append(f"    {own_ms(event):8.3f} ms  x{event.count // steps:<5d} {event.key[:110]}")
+    optimizer.state.clear()
+    model.to("meta")
+    if cuda:
+        torch.cuda.empty_cache()
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------ report
 def plot(layers: list[dict], header: str, path: str) -> None:
     import matplotlib
@@ -565,6 +643,10 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["causal", "encoder"], help="model pairs to run")
     parser.add_argument("--no-reference", action="store_true", help="skip the colt5-attention package")
     parser.add_argument("--profile", type=int, default=None, help="profile our layers at this length")
+    parser.add_argument(
+        "--profile-models", type=int, default=None,
+        help="profile a training step of each causal model at this length (compiled with --compile on a GPU)",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     parser.add_argument("--compile", action="store_true", help="also run each layer and model compiled")
@@ -712,6 +794,17 @@ def main() -> None:
                     flush=True,
                 )
 
+    if args.profile_models:
+        n = args.profile_models
+        compiled = args.compile and device.type == "cuda"
+        print(f"\nprofiles at n={n} (causal training steps{', compiled' if compiled else ''}; ms per step)")
+        torch.manual_seed(0)
+        tokens_per_step = 2 * n if args.smoke else MODEL_TOKENS_PER_STEP
+        for name, model in model_pair("causal", n, args.smoke).items():
+            model = compile_layers(model) if compiled else model
+            profiles.append(profile_model(name, model, n, device, tokens_per_step))
+            save()
+            print(profiles[-1], flush=True)
     if args.profile:
         print(f"\nprofiles at n={args.profile} (our layers, forward+backward)")
         for kind in kinds:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -13,7 +15,7 @@ def test_smoke_run_measures_every_causal_row(tmp_path):
     out = tmp_path / "bench.json"
     command = [
         sys.executable, "scripts/bench_long_context.py", "--smoke", "--no-reference", "--kinds", "causal attention",
-        "causal block", "--tasks", "causal", "--json", str(out),
+        "causal block", "--tasks", "causal", "--profile-models", "256", "--json", str(out),
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -26,3 +28,10 @@ def test_smoke_run_measures_every_causal_row(tmp_path):
     models = {row["model"]: row for row in recorded["models"]}
     assert models.keys() == {"colt5", "colt5 copies", "llama"}
     assert all("error" not in row and row["tokens_per_s"] > 0 for row in models.values())
+    # --profile-models: one profile per model of the pair, its families' times adding up to the busy time.
+    assert [profile.split(",")[0] for profile in recorded["profiles"]] == ["colt5", "llama"]
+    for profile in recorded["profiles"]:
+        busy = float(profile.split(" busy ")[1].split(" ms")[0])
+        families = [line for line in profile.splitlines()[1:] if "%" in line]
+        assert sum(float(line.split()[0]) for line in families) == pytest.approx(busy, rel=0.01, abs=0.1)
+        assert any(line.endswith("SDPA") for line in families)  # on the CPU, the heavy attention's reference
