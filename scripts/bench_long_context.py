@@ -32,7 +32,7 @@ compiles one graph and reuses it). "first s" is the first call's (step's) wall t
 apart from the steady rate. In the model table "x best" is a CoLT5 row's tokens/s over the faster of the baseline's
 eager and compiled rows.
 
-With --profile-models N, torch.profiler records 3 training steps of each causal model at N tokens (compiled with
+With --profile-models N [N ...], torch.profiler records 3 training steps of each causal model at N tokens (compiled with
 --compile on a GPU) and prints the device time per step by kernel family (heavy attention, light attention, router,
 rotary, SDPA (dense attention), matrix products, Inductor's fused kernels) and the largest kernels: where a step's time goes.
 
@@ -644,8 +644,8 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the colt5-attention package")
     parser.add_argument("--profile", type=int, default=None, help="profile our layers at this length")
     parser.add_argument(
-        "--profile-models", type=int, default=None,
-        help="profile a training step of each causal model at this length (compiled with --compile on a GPU)",
+        "--profile-models", type=int, nargs="+", default=[],
+        help="profile a training step of each causal model at these lengths (compiled with --compile on a GPU)",
     )
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
@@ -794,9 +794,8 @@ def main() -> None:
                     flush=True,
                 )
 
-    if args.profile_models:
-        n = args.profile_models
-        compiled = args.compile and device.type == "cuda"
+    compiled = args.compile and device.type == "cuda"
+    for n in args.profile_models:
         print(f"\nprofiles at n={n} (causal training steps{', compiled' if compiled else ''}; ms per step)")
         torch.manual_seed(0)
         tokens_per_step = 2 * n if args.smoke else MODEL_TOKENS_PER_STEP
