@@ -32,9 +32,10 @@ compiles one graph and reuses it). "first s" is the first call's (step's) wall t
 apart from the steady rate. In the model table "x best" is a CoLT5 row's tokens/s over the faster of the baseline's
 eager and compiled rows.
 
-With --profile-models N [N ...], torch.profiler records 3 training steps of each causal model at N tokens (compiled with
---compile on a GPU) and prints the device time per step by kernel family (heavy attention, light attention, router,
-rotary, SDPA (dense attention), matrix products, Inductor's fused kernels) and the largest kernels: where a step's time goes.
+With --profile-models N [N ...], torch.profiler records 3 training steps of each causal model at N tokens
+(compiled with --compile on a GPU) and prints the device time per step by kernel family (heavy attention, light
+attention, router, rotary, SDPA, matrix products, Inductor's fused kernels) and the largest kernels: where a step's
+time goes.
 
 Usage: python scripts/bench_long_context.py [--lengths 4096 ... 131072] [--model-lengths 8192 32768 65536]
        [--profile 32768] [--profile-models 32768] [--compile] [--json results/x.json] [--plot results/x.png]
