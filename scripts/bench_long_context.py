@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import importlib
 import importlib.metadata
 import json
 import math
@@ -529,23 +531,39 @@ def profile_layer(kind: str, n: int, dtype: torch.dtype, device: torch.device, t
     return "\n".join(lines)
 
 
-# Kernel families of a training step, by kernel name (first match wins: FlexAttention's kernels are Triton
-# templates, "triton_tem...", before Inductor's other fused kernels, "triton_...").
-KERNEL_FAMILIES = (
-    ("heavy attention (memory_attention_triton)", ("_fwd_kernel", "_bwd_keys_kernel", "_bwd_queries_kernel")),
-    ("light attention (FlexAttention)", ("flex", "triton_tem")),
-    ("router (soft_topk_triton)", ("soft_topk", "_router")),
-    ("rotary (rotary_triton)", ("_rotary",)),
+# Kernel families of a training step: colt5's Triton kernels by their names in each module, then library kernels by
+# a part of their names (first match wins: FlexAttention's kernels are Inductor templates, "triton_tem...", before
+# Inductor's other fused kernels, "triton_...").
+OUR_KERNEL_MODULES = (
+    ("heavy attention (memory_attention_triton)", "memory_attention_triton"),
+    ("router (soft_topk_triton)", "soft_topk_triton"),
+    ("rotary (rotary_triton)", "rotary_triton"),
+)
+LIBRARY_KERNELS = (
+    ("light attention (FlexAttention)", ("triton_tem", "flex")),
     ("SDPA", ("flash", "fmha", "cudnn", "scaled_dot_product")),
     ("matrix products (cuBLAS)", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_", "splitk")),
     ("fused by Inductor", ("triton_",)),
 )
 
 
+@functools.cache
+def our_kernel_families() -> dict[str, str]:
+    """Kernel name -> family, for the Triton kernels of colt5's modules (`_..._kernel` functions)."""
+    return {
+        name: family
+        for family, module in OUR_KERNEL_MODULES
+        for name in vars(importlib.import_module(f"colt5.{module}"))
+        if name.startswith("_") and name.endswith("_kernel")
+    }
+
+
 def kernel_family(name: str) -> str:
+    if name in our_kernel_families():
+        return our_kernel_families()[name]
     lowered = name.lower()
-    for family, patterns in KERNEL_FAMILIES:
-        if any(lowered.startswith(pattern) if pattern.startswith("_") else pattern in lowered for pattern in patterns):
+    for family, parts in LIBRARY_KERNELS:
+        if any(part in lowered for part in parts):
             return family
     return "other"
 

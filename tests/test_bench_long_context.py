@@ -1,6 +1,7 @@
 """The long-context benchmark (scripts/bench_long_context.py): a smoke run of its causal layers and model pair on
 the CPU, so that an API change of the layers cannot break the benchmark unnoticed."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -35,3 +36,19 @@ def test_smoke_run_measures_every_causal_row(tmp_path):
         families = [line for line in profile.splitlines()[1:] if "%" in line]
         assert sum(float(line.split()[0]) for line in families) == pytest.approx(busy, rel=0.01, abs=0.1)
         assert any(line.endswith("SDPA") for line in families)  # on the CPU, the heavy attention's reference
+
+
+def test_profiled_kernels_fall_into_their_families():
+    """--profile-models sorts a step's kernels: colt5's Triton kernels by the module that defines them (a renamed
+    kernel stays in its family), FlexAttention's templates apart from Inductor's other fused kernels."""
+    spec = importlib.util.spec_from_file_location("bench_long_context", REPO / "scripts" / "bench_long_context.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.kernel_family("_bwd_keys_kernel") == "heavy attention (memory_attention_triton)"
+    assert bench.kernel_family("_exact_row_kernel") == "router (soft_topk_triton)"
+    assert bench.kernel_family("_rotary_kernel") == "rotary (rotary_triton)"
+    assert bench.kernel_family("triton_tem_fused_0") == "light attention (FlexAttention)"
+    assert bench.kernel_family("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_3") == "fused by Inductor"
+    assert bench.kernel_family("sm90_xmma_gemm_bf16bf16_bf16f32") == "matrix products (cuBLAS)"
+    assert bench.kernel_family("cudnn_generated_fort_native_sdpa_sm90") == "SDPA"
+    assert bench.kernel_family("void at::native::vectorized_elementwise_kernel") == "other"
