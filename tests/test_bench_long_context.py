@@ -35,7 +35,7 @@ def test_smoke_run_measures_every_causal_row(tmp_path):
         busy = float(profile.split(" busy ")[1].split(" ms")[0])
         families = [line for line in profile.splitlines()[1:] if "%" in line]
         assert sum(float(line.split()[0]) for line in families) == pytest.approx(busy, rel=0.01, abs=0.1)
-        assert any(line.endswith("SDPA") for line in families)  # on the CPU, the heavy attention's reference
+        assert any(line.endswith("SDPA") for line in families)  # Llama's attention; on the CPU also our heavy one
 
 
 def test_profiled_kernels_fall_into_their_families():
