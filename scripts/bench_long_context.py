@@ -30,8 +30,8 @@ rows) and each model pair too ("colt5 compiled", "llama compiled"): regional com
 compiled on its own, as transformers recommends for repeated blocks (the layers share their code, so Inductor
 compiles one graph and reuses it). "first s" is the first call's (step's) wall time, compilation included, reported
 apart from the steady rate. In the model table "x best" is a CoLT5 row's tokens/s over the faster of the baseline's
-eager and compiled rows. --only-compiled leaves out the models' eager rows (the comparison that counts, in about
-half the time).
+eager and compiled rows. --only-compiled leaves out the models' eager rows (compiled Llama is the baseline that
+counts).
 
 With --profile-models N [N ...], torch.profiler records 3 training steps of each causal model at N tokens
 (compiled with --compile on a GPU) and prints the device time per step by kernel family (heavy attention, light
@@ -393,7 +393,9 @@ def model_pair(task: str, n: int, smoke: bool) -> dict[str, nn.Module]:
     }
 
 
-def training_step(model: nn.Module, task: str, n: int, device: torch.device, tokens_per_step: int):
+def training_step(
+    model: nn.Module, task: str, n: int, device: torch.device, tokens_per_step: int
+) -> tuple[Callable[[], None], Callable[[], torch.Tensor], torch.optim.Optimizer, int]:
     """The model on `device` with an AdamW optimizer and a batch of max(1, tokens_per_step / n) random sequences:
     returns (step, loss, optimizer, batch), where step() runs loss().backward() and the optimizer step."""
     batch = max(1, tokens_per_step // n)
