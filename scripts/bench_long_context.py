@@ -278,6 +278,16 @@ def graph_replay_ms(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> f
     return ms
 
 
+def release(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Free what a measured module holds on the device (its weights, gradients and optimizer state) before the next
+    row, so that each row's peak memory is its own."""
+    if optimizer is not None:
+        optimizer.state.clear()
+    module.to("meta")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def record_graph_error(result: dict, what: str, error: Exception) -> None:
     """Record a failed CUDA-graph capture or replay in `result`, and print it at once: an error that broke the CUDA
     context ends the run at the next CUDA call, before the row is printed."""
@@ -321,9 +331,7 @@ def measure_layer(module: nn.Module, n: int, dtype: torch.dtype, device: torch.d
             result["graph_fwd_bwd_ms"] = graph_replay_ms(module, x, grad)
         except Exception as error:  # recorded apart: the eager numbers stand either way
             record_graph_error(result, f"layer at n={n}", error)
-    module.to("meta")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release(module)
     return result
 
 
@@ -400,6 +408,11 @@ def model_pair(task: str, n: int, smoke: bool) -> dict[str, nn.Module]:
     }
 
 
+def model_tokens_per_step(n: int, smoke: bool) -> int:
+    """Tokens in a model training step: MODEL_TOKENS_PER_STEP, or two sequences in a smoke run."""
+    return 2 * n if smoke else MODEL_TOKENS_PER_STEP
+
+
 def training_step(
     model: nn.Module, task: str, n: int, device: torch.device, tokens_per_step: int
 ) -> tuple[Callable[[], None], Callable[[], torch.Tensor], torch.optim.Optimizer, int]:
@@ -445,10 +458,7 @@ def measure_model(
             result["graph_tokens_per_s"] = batch * n / graph_ms * 1e3
         except Exception as error:  # recorded apart: the eager numbers stand either way
             record_graph_error(result, f"{task} model at n={n}", error)
-    optimizer.state.clear()
-    model.to("meta")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release(model, optimizer)
     return result
 
 
@@ -536,7 +546,7 @@ def profile_layer(kind: str, n: int, dtype: torch.dtype, device: torch.device, t
     start = next((i for i, line in enumerate(table) if "tottime" in line), 0)
     lines.append(f"  host, {calls} calls, top functions by own time:")
     lines.extend("    " + line.strip()[:140] for line in table[start : start + top + 1] if line.strip())
-    module.to("meta")
+    release(module)
     return "\n".join(lines)
 
 
@@ -568,8 +578,8 @@ def our_kernel_families() -> dict[str, str]:
 
 
 def kernel_family(name: str) -> str:
-    if name in our_kernel_families():
-        return our_kernel_families()[name]
+    if (family := our_kernel_families().get(name)) is not None:
+        return family
     lowered = name.lower()
     for family, parts in LIBRARY_KERNELS:
         if any(part in lowered for part in parts):
@@ -616,10 +626,7 @@ def profile_model(
     lines.append("  largest:")
     for event in sorted(events, key=lambda e: -own_ms(e))[:top]:
         lines.append(f"    {own_ms(event):8.3f} ms  x{event.count // steps:<5d} {event.key[:110]}")
-    optimizer.state.clear()
-    model.to("meta")
-    if cuda:
-        torch.cuda.empty_cache()
+    release(model, optimizer)
     return "\n".join(lines)
 
 
@@ -788,8 +795,7 @@ def main() -> None:
         for n in args.model_lengths:
             torch.manual_seed(0)
             pair = model_pair(task, n, args.smoke)
-            tokens_per_step = 2 * n if args.smoke else MODEL_TOKENS_PER_STEP
-            measure = dict(task=task, n=n, device=device, tokens_per_step=tokens_per_step)
+            measure = dict(task=task, n=n, device=device, tokens_per_step=model_tokens_per_step(n, args.smoke))
             results = {} if args.only_compiled else {name: measure_model(m, **measure) for name, m in pair.items()}
             if task == "causal" and not args.no_copies and not args.only_compiled:
                 torch.manual_seed(0)
@@ -833,10 +839,9 @@ def main() -> None:
     for n in args.profile_models:
         print(f"\nprofiles at n={n} (causal training steps{', compiled' if compiled else ''}; ms per step)")
         torch.manual_seed(0)
-        tokens_per_step = 2 * n if args.smoke else MODEL_TOKENS_PER_STEP
         for name, model in model_pair("causal", n, args.smoke).items():
             model = compile_layers(model) if compiled else model
-            profiles.append(profile_model(name, model, n, device, tokens_per_step))
+            profiles.append(profile_model(name, model, n, device, model_tokens_per_step(n, args.smoke)))
             save()
             print(profiles[-1], flush=True)
     if args.profile:

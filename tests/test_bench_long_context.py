@@ -29,7 +29,8 @@ def test_smoke_run_measures_every_causal_row(tmp_path):
     models = {row["model"]: row for row in recorded["models"]}
     assert models.keys() == {"colt5", "colt5 copies", "llama"}
     assert all("error" not in row and row["tokens_per_s"] > 0 for row in models.values())
-    # --profile-models: one profile per model of the pair, its families' times adding up to the busy time.
+    # --profile-models: one profile per model of the pair whose table leaves no family out (their times add up to
+    # the busy time, which sums the same events) and holds the attention.
     assert [profile.split(",")[0] for profile in recorded["profiles"]] == ["colt5", "llama"]
     for profile in recorded["profiles"]:
         busy = float(profile.split(" busy ")[1].split(" ms")[0])
