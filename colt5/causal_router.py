@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -370,18 +371,21 @@ class ThresholdRouter(TokenScorer):
             self._pending[-1].fill_(False)
 
     @torch.no_grad()
-    def _apply_pending_statistics(self) -> None:
+    def _apply_pending_statistics(self, weight: float | None = None) -> None:
         # In training mode always (a replayed CUDA graph stores statistics without this Python code running; the
         # device flag says whether any are pending), never in evaluation: `train(False)` has folded them already (it
-        # runs this while still in training mode), and decoding steps skip the work.
+        # runs this while still in training mode), and decoding steps skip the work. `weight`: the batch's weight
+        # in the running statistics, None for the momentum's (see the class docstring).
         if self._pending is None or not self.training:
             return
         if self._pending[0].device != self.threshold.device:  # the module moved since the last training call
             self._pending = tuple(t.to(self.threshold.device) for t in self._pending)
         *statistics, pending = self._pending
-        weight = self.momentum
+        if weight is None:
+            weight = self.momentum
+            if self.prefix_normalization:
+                weight = (1.0 / (self.updates + 1)).clamp_min(self.momentum)
         if self.prefix_normalization:
-            weight = (1.0 / (self.updates + 1)).clamp_min(self.momentum)
             self.updates.add_(pending.long())
         # A batch of padding only (or none since the last fold) leaves the statistics as they were: a device-side
         # choice, no synchronisation.
@@ -407,6 +411,46 @@ class ThresholdRouter(TokenScorer):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+@torch.no_grad()
+def calibrate_causal_routers(model: nn.Module, forward: Callable[[int], object], batches: int) -> int:
+    """Give the prefix-normalised `ThresholdRouter`s of `model` that have seen no training batch the mean
+    statistics of a few batches before training starts, so that the first trained batch routes close to the
+    target fraction.
+
+    Why: untrained statistics assume standard normal standardised scores; on real data those of an untrained model
+    are not (on the main job the first training step routed 5% to 28% of the tokens against a 12.5% target). The
+    first batch cannot set its own statistics, as a later token would then move an earlier token's routing;
+    batches that are not trained on at that step can (batch normalisation's data-dependent start is the same idea).
+
+    Args:
+        model: the model whose routers to set; run in training mode for `forward`, then put back in its mode.
+        forward: `forward(i)` runs one forward pass of `model` on calibration batch i (under the training step's
+            precision).
+        batches: how many calibration batches; each router's statistics become their mean over them.
+
+    Returns:
+        How many routers were set (0: every router has statistics, as after resuming or from a trained checkpoint;
+        then `forward` does not run).
+    """
+    routers = [module for module in model.modules() if isinstance(module, ThresholdRouter)]
+    fresh = {id(router) for router in routers if router.prefix_normalization and not router.updates.item()}
+    if not fresh:
+        return 0
+    training = model.training
+    model.train()
+    for index in range(batches):
+        forward(index)
+        for router in routers:
+            if id(router) in fresh:
+                router._apply_pending_statistics(weight=1 / (index + 1))  # the running mean over the batches
+            else:
+                router.discard_pending_statistics()
+    for router in routers:
+        router.take_fractions()  # calibration batches are no training steps: their counts are not logged
+    model.train(training)
+    return len(fresh)
 
 
 def validate_capacity(factor_name: str, factor: float | None, burst_name: str, burst: int) -> None:

@@ -25,7 +25,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import fields
 from importlib import metadata
 from pathlib import Path
@@ -60,6 +60,7 @@ from . import (
     CoLT5ForConditionalGeneration,
     CoLT5ForSequenceClassification,
 )
+from .causal_router import calibrate_causal_routers
 from .training_data import (
     EMBEDDED_CORPUS,
     bytes_per_token,
@@ -353,6 +354,10 @@ class _LossOf(torch.nn.Module):
         return self.model(**dict(zip(self.names, tensors))).loss
 
 
+# Batches whose mean statistics start untrained causal routers (see `CoLT5Trainer.calibrate_routers`).
+CALIBRATION_BATCHES = 4
+
+
 class CoLT5Trainer(Trainer):
     """Trainer that adds bits per byte to the evaluation logs and tokens/s to the training logs.
 
@@ -376,6 +381,32 @@ class CoLT5Trainer(Trainer):
         self.add_callback(throughput)
         self.cuda_graphs = cuda_graphs
         self._graphed_loss: tuple[tuple, torch.nn.Module] | None = None  # (input signature, graphed loss)
+        self._routers_checked = False
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._routers_checked:
+            self._routers_checked = True
+            self.calibrate_routers()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def calibrate_routers(self, batches: int = CALIBRATION_BATCHES) -> int:
+        """Before the first training step, set untrained causal routers' statistics from forward passes over the
+        training set's last `batches` batches of `per_device_train_batch_size` sequences (see
+        `calibrate_causal_routers`); a resumed or fine-tuned model's routers keep theirs. Returns how many routers
+        were set."""
+        dataset = self.train_dataset
+        if not isinstance(dataset, Sized) or not hasattr(dataset, "__getitem__") or not len(dataset):
+            return 0  # a streamed dataset: no batch to take apart from the training order
+        size = self.args.per_device_train_batch_size
+        starts = [start for start in range(len(dataset) - size, -1, -size)][:batches] or [0]
+
+        def forward(index: int) -> None:
+            stop = min(starts[index] + size, len(dataset))
+            batch = self.data_collator([dataset[i] for i in range(starts[index], stop)])
+            self.model(**self._prepare_inputs(batch))
+
+        with self.compute_loss_context_manager():
+            return calibrate_causal_routers(self.model, forward, len(starts))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not (self.cuda_graphs and model.training) or return_outputs:

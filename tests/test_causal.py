@@ -31,7 +31,12 @@ from colt5 import (
     route,
 )
 from colt5.cache_colt5 import CACHE_NAME
-from colt5.causal_router import gate_statistics, prefix_standardised_scores, within_capacity
+from colt5.causal_router import (
+    calibrate_causal_routers,
+    gate_statistics,
+    prefix_standardised_scores,
+    within_capacity,
+)
 
 VOCAB = 384  # ByT5's vocabulary size: 3 special tokens, 256 bytes, 125 extra ids
 DIM = 64  # hidden_size of the conftest TINY_CONFIG
@@ -788,6 +793,70 @@ def test_the_first_training_batches_are_averaged_with_equal_weights():
         router(batches[0])
     router.train()
     assert int(router.updates) == 12
+
+
+def running_statistics(router: ThresholdRouter) -> list[torch.Tensor]:
+    return [getattr(router, name).clone() for name in ("threshold", "shift", "score_mean", "score_var")]
+
+
+def test_calibration_sets_fresh_routers_to_the_mean_of_its_batches_and_counts_nothing(causal_config):
+    """`calibrate_causal_routers`: a fresh router gets the statistics one training forward of a batch would fold
+    in; with two batches, the first layer's query router (whose input no routing moves) gets the mean of both
+    batches' raw score moments. A router that has statistics keeps them, the calibration's routing is not counted for the
+    training logs, the model goes back to its mode, and a calibrated model is not calibrated again."""
+    torch.manual_seed(0)
+    model = CoLT5ForCausalLM(causal_config(routed_query_tokens=TARGET, initializer_range=0.02)).eval()
+    batches = [random_ids(4, 64) for _ in range(2)]
+    routers = [m for m in model.modules() if isinstance(m, ThresholdRouter)]
+    first_router = model.model.layers[0].attention.q_router
+    assert len(routers) == 4 and first_router in routers
+    kept = routers[-1]
+    kept.updates.fill_(7)  # as if trained: its statistics stay
+    kept_statistics = running_statistics(kept)
+
+    # One batch: what a training forward of that batch folds in.
+    twin = copy.deepcopy(model).train()
+    twin(batches[0])
+    twin.train()  # folds the pending statistics
+    assert calibrate_causal_routers(model, lambda i: model(batches[i]), batches=1) == 3
+    assert not model.training
+    for router, twin_router in zip(routers[:-1], [m for m in twin.modules() if isinstance(m, ThresholdRouter)]):
+        assert int(router.updates) == 1
+        for ours, theirs in zip(running_statistics(router), running_statistics(twin_router)):
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(running_statistics(kept), kept_statistics))
+    assert int(kept.updates) == 7
+    assert all(router.take_fractions() is None for router in routers)
+    model.train()
+    assert all(torch.equal(a, b) for a, b in zip(running_statistics(kept), kept_statistics))  # nothing pending
+    assert calibrate_causal_routers(model, lambda i: pytest.fail("a calibrated model ran a batch"), batches=1) == 0
+
+    # Two batches: the mean, for the router that sees the embeddings.
+    single = []
+    for x in batches:
+        fresh = CoLT5ForCausalLM(model.config)
+        fresh.load_state_dict(model.state_dict())
+        for router in fresh.modules():
+            if isinstance(router, ThresholdRouter):
+                router.updates.zero_()
+        calibrate_causal_routers(fresh, lambda i: fresh(x), batches=1)
+        single.append(running_statistics(fresh.model.layers[0].attention.q_router))
+    for router in routers:
+        router.updates.zero_()
+    model.train()
+    assert calibrate_causal_routers(model, lambda i: model(batches[i]), batches=2) == 4
+    assert model.training and int(first_router.updates) == 2
+    # The raw scores' mean and variance are the batches' mean; threshold and shift too, of the second batch's
+    # scores standardised with the first's prior, so they only differ from the first batch's.
+    for ours, one, two in list(zip(running_statistics(first_router), *single))[2:]:
+        torch.testing.assert_close(ours, (one + two) / 2, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(first_router.threshold, single[0][0])
+    assert all(router.take_fractions() is None for router in routers)
+
+
+def test_calibration_leaves_routers_on_raw_scores_alone(causal_config):
+    model = CoLT5ForCausalLM(causal_config(causal_router_prefix_normalization=False))
+    assert calibrate_causal_routers(model, lambda i: pytest.fail("ran a batch"), batches=1) == 0
 
 
 def test_a_router_state_dict_of_the_other_routing_is_refused_with_the_setting_it_needs():

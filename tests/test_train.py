@@ -23,6 +23,7 @@ from colt5 import CoLT5Config, CoLT5ForCausalLM
 from colt5.cache_colt5 import CACHE_NAME
 from colt5.training_report import routed_fractions_text
 from colt5.train import (
+    CALIBRATION_BATCHES,
     LORA_TARGET_MODULES,
     _check_cached_generation,
     add_lora_adapters,
@@ -332,6 +333,14 @@ def test_run_logs_the_causal_routers_routed_shares(trained):
     assert last["feedforward"]["mean"] == logs[-1]["routed_feedforward_mean"]
     assert last["feedforward"]["step"] == logs[-1]["step"]
     assert routed_fractions_text(last) in (trained / "README.md").read_text()
+
+
+def test_the_run_starts_its_routers_from_calibration_batches(trained):
+    """Before the first step the trainer sets the fresh routers' statistics from CALIBRATION_BATCHES batches
+    (`CoLT5Trainer.calibrate_routers`), so each router has folded those and one batch per step. (That a resumed
+    run does not calibrate again: test_killed_run_resumes_to_the_same_weights.)"""
+    updates = {name: int(t) for name, t in load_file(trained / "model.safetensors").items() if name.endswith(".updates")}
+    assert updates and set(updates.values()) == {24 + CALIBRATION_BATCHES}, updates
 
 
 def test_routed_shares_count_training_calls_only_and_start_anew(tiny_config):
