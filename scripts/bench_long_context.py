@@ -280,10 +280,14 @@ def graph_replay_ms(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> f
 
 def release(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Free what a measured module holds on the device (its weights, gradients and optimizer state) before the next
-    row, so that each row's peak memory is its own."""
+    row, so that each row's peak memory is its own, and forget its compiled code, so that the next row compiles
+    its own: Dynamo counts compilations per function against one limit over all modules (8; transformers'
+    `GradientCheckpointingLayer.__call__` serves both models' layers), and a run over four lengths passed it at
+    64k, after which the layers of both models ran eagerly, silently but for a warning."""
     if optimizer is not None:
         optimizer.state.clear()
     module.to("meta")
+    torch._dynamo.reset()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

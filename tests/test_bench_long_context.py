@@ -39,12 +39,17 @@ def test_smoke_run_measures_every_causal_row(tmp_path):
         assert any(line.endswith("SDPA") for line in families)  # Llama's attention; on the CPU also our heavy one
 
 
-def test_profiled_kernels_fall_into_their_families():
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_long_context", REPO / "scripts" / "bench_long_context.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profiled_kernels_fall_into_their_families(bench):
     """--profile-models sorts a step's kernels: colt5's Triton kernels by the module that defines them (a renamed
     kernel stays in its family), FlexAttention's templates apart from Inductor's other fused kernels."""
-    spec = importlib.util.spec_from_file_location("bench_long_context", REPO / "scripts" / "bench_long_context.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     assert bench.kernel_family("_bwd_keys_kernel") == "heavy attention (memory_attention_triton)"
     assert bench.kernel_family("_exact_row_kernel") == "router (soft_topk_triton)"
     assert bench.kernel_family("_rotary_kernel") == "rotary (rotary_triton)"
@@ -53,3 +58,28 @@ def test_profiled_kernels_fall_into_their_families():
     assert bench.kernel_family("sm90_xmma_gemm_bf16bf16_bf16f32") == "matrix products (cuBLAS)"
     assert bench.kernel_family("cudnn_generated_fort_native_sdpa_sm90") == "SDPA"
     assert bench.kernel_family("void at::native::vectorized_elementwise_kernel") == "other"
+
+
+def test_each_row_compiles_its_own_graph_after_the_last_is_released(bench, monkeypatch):
+    """Dynamo's recompile limit counts a function's compilations over every module that runs it: without `release`
+    forgetting them, the second length below would pass a limit of 1 and run eagerly (a warning, no compile)."""
+    import torch
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    compiled = []
+
+    def backend(graph, example_inputs):
+        compiled.append(example_inputs[-1].shape[0] if example_inputs else None)
+        return graph.forward
+
+    class Layer(torch.nn.Module):  # a module of this file: Dynamo does not trace into torch.nn's own
+        def forward(self, x):
+            return x * 2 + 1
+
+    for n in (3, 5):
+        module = Layer()
+        module.compile(backend=backend, dynamic=False)
+        module(torch.randn(n, 4))
+        bench.release(module)
+    assert compiled == [3, 5]
