@@ -60,13 +60,11 @@ def test_profiled_kernels_fall_into_their_families(bench):
     assert bench.kernel_family("void at::native::vectorized_elementwise_kernel") == "other"
 
 
-def test_each_row_compiles_its_own_graph_after_the_last_is_released(bench, monkeypatch):
+def test_each_row_compiles_its_own_graph_after_the_last_is_released(bench):
     """Dynamo's recompile limit counts a function's compilations over every module that runs it: without `release`
     forgetting them, the second length below would pass a limit of 1 and run eagerly (a warning, no compile)."""
     import torch
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    torch._dynamo.reset()
     compiled = []
 
     def backend(graph, example_inputs):
@@ -77,9 +75,12 @@ def test_each_row_compiles_its_own_graph_after_the_last_is_released(bench, monke
         def forward(self, x):
             return x * 2 + 1
 
-    for n in (3, 5):
-        module = Layer()
-        module.compile(backend=backend, dynamic=False)
-        module(torch.randn(n, 4))
-        bench.release(module)
+    torch._dynamo.reset()
+    # config.patch, not monkeypatch: undoing a monkeypatch deletes the entry from Dynamo's config module.
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for n in (3, 5):
+            module = Layer()
+            module.compile(backend=backend, dynamic=False)
+            module(torch.randn(n, 4))
+            bench.release(module)
     assert compiled == [3, 5]
