@@ -282,8 +282,8 @@ def release(module: nn.Module, optimizer: torch.optim.Optimizer | None = None) -
     """Free what a measured module holds on the device (its weights, gradients and optimizer state) before the next
     row, so that each row's peak memory is its own, and forget its compiled code, so that the next row compiles
     its own: Dynamo counts compilations per function against one limit over all modules (8; transformers'
-    `GradientCheckpointingLayer.__call__` serves both models' layers), and a run over four lengths passed it at
-    64k, after which the layers of both models ran eagerly, silently but for a warning."""
+    `GradientCheckpointingLayer` gives both models' layers one forward, `forward_with_checkpointing`), and a run
+    over four lengths passed it at 64k, after which the layers ran eagerly, silently but for a warning."""
     if optimizer is not None:
         optimizer.state.clear()
     module.to("meta")

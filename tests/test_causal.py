@@ -802,8 +802,8 @@ def running_statistics(router: ThresholdRouter) -> list[torch.Tensor]:
 def test_calibration_sets_fresh_routers_to_the_mean_of_its_batches_and_counts_nothing(causal_config):
     """`calibrate_causal_routers`: a fresh router gets the statistics one training forward of a batch would fold
     in; with two batches, the first layer's query router (whose input no routing moves) gets the mean of both
-    batches' raw score moments. A router that has statistics keeps them, the calibration's routing is not counted for the
-    training logs, the model goes back to its mode, and a calibrated model is not calibrated again."""
+    batches' raw score moments. A router that has statistics keeps them, the calibration's routing is not counted
+    for the training logs, the model goes back to its mode, and a calibrated model is not calibrated again."""
     torch.manual_seed(0)
     model = CoLT5ForCausalLM(causal_config(routed_query_tokens=TARGET, initializer_range=0.02)).eval()
     batches = [random_ids(4, 64) for _ in range(2)]
@@ -846,8 +846,8 @@ def test_calibration_sets_fresh_routers_to_the_mean_of_its_batches_and_counts_no
     model.train()
     assert calibrate_causal_routers(model, lambda i: model(batches[i]), batches=2) == 4
     assert model.training and int(first_router.updates) == 2
-    # The raw scores' mean and variance are the batches' mean; threshold and shift too, of the second batch's
-    # scores standardised with the first's prior, so they only differ from the first batch's.
+    # Mean and variance of the raw scores: the mean of the two batches'. Threshold and shift average the second
+    # batch's scores standardised with the first batch's prior, not with the untrained one: checked only to move.
     for ours, one, two in list(zip(running_statistics(first_router), *single))[2:]:
         torch.testing.assert_close(ours, (one + two) / 2, rtol=1e-6, atol=1e-6)
     assert not torch.equal(first_router.threshold, single[0][0])
