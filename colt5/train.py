@@ -365,7 +365,8 @@ class CoLT5Trainer(Trainer):
     batch (`torch.cuda.make_graphed_callables`: its 3 warm-up passes also update the causal routers' statistics);
     the optimizer step, gradient clipping and evaluation stay eager. This needs static shapes and no host
     synchronisation in the step, which the causal model has in training (its routers' fixed capacities). A batch of
-    other shapes (a last, shorter one) runs eagerly."""
+    other shapes (a last, shorter one) runs eagerly. Before the first step, untrained causal routers are calibrated
+    (`calibrate_routers`)."""
 
     def __init__(
         self,
@@ -398,7 +399,7 @@ class CoLT5Trainer(Trainer):
         if not isinstance(dataset, Sized) or not hasattr(dataset, "__getitem__") or not len(dataset):
             return 0  # a streamed dataset: no batch to take apart from the training order
         size = self.args.per_device_train_batch_size
-        starts = [start for start in range(len(dataset) - size, -1, -size)][:batches] or [0]
+        starts = list(range(len(dataset) - size, -1, -size))[:batches] or [0]  # [0]: fewer sequences than a batch
 
         def forward(index: int) -> None:
             stop = min(starts[index] + size, len(dataset))
