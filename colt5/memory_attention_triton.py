@@ -11,10 +11,12 @@ keys and values of every token (no per-block copy is ever written):
 
 Forward: one program per (tile of queries, row, head) runs the online softmax over the memory tiles, then the block
 tiles up to its last query, and stores the output and the log-sum-exp (base 2). Backward (the flash-attention
-recurrences, recomputing the probabilities from the log-sum-exp): one program per (tile of keys, row, head) loops over
-the row's queries, accumulates the gradients of its keys, values and weights and adds them, by index, to
-float32 buffers (a token is in the memory of several blocks, hence atomics; summation order, and so the last bits,
-can differ between runs); one program per (tile of queries, row, head) computes the queries' gradient.
+recurrences, recomputing the probabilities from the log-sum-exp): one program per (tile of queries, row, head)
+computes delta = rowsum(output gradient x output); one program per (tile of keys, row, head) loops over the row's
+queries, accumulates the gradients of its keys, values and weights and adds them, by index, to float32 buffers (a
+token is in the memory of several blocks, hence atomics; summation order, and so the last bits, can differ between
+runs), a few heads per launch so that the buffers stay small; one program per (tile of queries, row, head) computes
+the queries' gradient.
 
 Float arguments (the softmax scales) are compile-time constants (`tl.constexpr`): Inductor passes a Python float to a
 kernel it launches as float64 (eager Triton, as float32), which would widen the arithmetic around it.
@@ -53,6 +55,11 @@ TILES = dict(
     keys=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     queries=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
 )
+DELTA_QUERIES = 64  # queries per program of the delta kernel (a reduction over head_dim; any size will do)
+# Heads per routing set per launch of the keys' backward. Its float32 buffers then hold KEY_GRADIENT_HEADS /
+# heads_per_set of all heads' gradients (a quarter with 8 heads: 0.27 GB rather than 1.07 GB for a 131,072-token
+# batch of 2 at width 512), at the cost of one launch per group (the programs are the same).
+KEY_GRADIENT_HEADS = 2
 
 
 @triton.jit
@@ -184,15 +191,21 @@ def _probabilities(q, k_att, lse, allowed, qk_scale, PRECISION: tl.constexpr):
 def _bwd_keys_kernel(
     q_ptr, keys_ptr, values_ptr, memory_index_ptr, memory_weights_ptr, block_index_ptr, query_slot_ptr,
     grad_out_ptr, lse_ptr, delta_ptr, grad_keys_ptr, grad_values_ptr, grad_weights_ptr,
-    blocks, n, slots, block, queries, memory_tiles, sm_scale: tl.constexpr, qk_scale: tl.constexpr,
-    SETS: tl.constexpr, HEADS_PER_SET: tl.constexpr, HEAD_DIM: tl.constexpr, MULTIPLY_KEYS: tl.constexpr,
-    EVERY_QUERY: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    blocks, n, slots, block, queries, memory_tiles, first_head, sm_scale: tl.constexpr, qk_scale: tl.constexpr,
+    SETS: tl.constexpr, HEADS_PER_SET: tl.constexpr, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr,
+    MULTIPLY_KEYS: tl.constexpr, EVERY_QUERY: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     row = tl.program_id(1)
-    head = tl.program_id(2)
+    # This launch covers heads first_head .. first_head + GROUP - 1 of every routing set; its key and value
+    # gradients go to float32 buffers of those heads' features, `(batch, sets, n, GROUP * head_dim)`.
+    group_head = tl.program_id(2) % GROUP
+    routing_set = tl.program_id(2) // GROUP
+    head = routing_set * HEADS_PER_SET + first_head + group_head
     heads: tl.constexpr = SETS * HEADS_PER_SET
     features: tl.constexpr = HEADS_PER_SET * HEAD_DIM
+    group_features: tl.constexpr = GROUP * HEAD_DIM
     offs_e = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
     kv_base, memory_base = _kv_bases(row, head, blocks, n, slots, SETS, HEADS_PER_SET, HEAD_DIM)
@@ -239,8 +252,25 @@ def _bwd_keys_kernel(
         grad_w += tl.sum(grad_k_att * k.to(tl.float32), 1)
         grad_k_att = grad_k_att * w[:, None]
     tl.atomic_add(grad_weights_ptr + memory_base + start + offs_n, grad_w, mask=ok & is_memory)
-    tl.atomic_add(grad_keys_ptr + offsets, grad_k_att, mask=ok[:, None])
-    tl.atomic_add(grad_values_ptr + offsets, grad_v_att * w[:, None], mask=ok[:, None])
+    grad_base = ((row // blocks) * SETS + routing_set).to(tl.int64) * n * group_features + group_head * HEAD_DIM
+    grad_offsets = grad_base + tl.where(ok, index, 0).to(tl.int64)[:, None] * group_features + offs_e[None, :]
+    tl.atomic_add(grad_keys_ptr + grad_offsets, grad_k_att, mask=ok[:, None])
+    tl.atomic_add(grad_values_ptr + grad_offsets, grad_v_att * w[:, None], mask=ok[:, None])
+
+
+@triton.jit
+def _delta_kernel(grad_out_ptr, out_ptr, delta_ptr, queries, heads, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(output gradient * output) of a tile of queries, `(rows, heads, queries)` float32: read once
+    each, summed in float32 (no widened copies of the two `(rows, queries, heads, head_dim)` tensors)."""
+    pid_m = tl.program_id(0)
+    row = tl.program_id(1)
+    head = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = offs_m < queries
+    offsets = _output_offsets(row, head, offs_m, queries, heads, HEAD_DIM)
+    do = tl.load(grad_out_ptr + offsets, mask=in_rows[:, None], other=0.0).to(tl.float32)
+    o = tl.load(out_ptr + offsets, mask=in_rows[:, None], other=0.0).to(tl.float32)
+    tl.store(delta_ptr + (row * heads + head).to(tl.int64) * queries + offs_m, tl.sum(do * o, 1), mask=in_rows)
 
 
 @triton.jit
@@ -324,27 +354,48 @@ class _MemoryAttention(torch.autograd.Function):
         slots, block = memory_index.shape[-1], block_index.shape[-1]
         tiles = _tiles()
         grad_out = grad_out.reshape(out.shape).contiguous()
-        delta = (grad_out.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (rows, heads, queries)
-        grad_keys = torch.zeros(keys.shape, dtype=torch.float32, device=keys.device)
-        grad_values = torch.zeros(values.shape, dtype=torch.float32, device=values.device)
+        delta = torch.empty(rows, heads, queries, dtype=torch.float32, device=q.device)
+        _delta_kernel[(triton.cdiv(queries, DELTA_QUERIES), rows, heads)](
+            grad_out, out, delta, queries, heads, HEAD_DIM=head_dim, BLOCK_M=DELTA_QUERIES
+        )
+        grad_keys, grad_values = torch.empty_like(keys), torch.empty_like(values)
         grad_weights = torch.zeros(memory_weights.shape, dtype=torch.float32, device=memory_weights.device)
-        grad_q = torch.empty_like(q)
         shape = (rows // batch, n, slots, block, queries)
         scales = (ctx.sm_scale, ctx.sm_scale * 1.4426950408889634)
         key_tile = tiles["keys"]["BLOCK_N"]
         memory_tiles = triton.cdiv(slots, key_tile)
         inputs = (q, keys, values, memory_index, memory_weights, block_index, query_slot, grad_out, lse, delta)
-        _bwd_keys_kernel[(memory_tiles + triton.cdiv(block, key_tile), rows, heads)](
-            *inputs, grad_keys, grad_values, grad_weights, *shape, memory_tiles, *scales,
-            **ctx.settings, **tiles["keys"],
+        # Key and value gradients are sums over every block whose memory holds the token (atomic float32 adds).
+        # Float32 buffers of every head would hold twice the bytes of the half-precision gradients, the largest
+        # tensors of the layer's backward pass: a few heads per launch bound them (see KEY_GRADIENT_HEADS).
+        group = _key_gradient_group(heads // sets)
+        group_keys, group_values = (
+            torch.empty(batch, sets, n, group * head_dim, dtype=torch.float32, device=keys.device) for _ in range(2)
         )
+        for first_head in range(0, heads // sets, group):
+            group_keys.zero_()
+            group_values.zero_()
+            _bwd_keys_kernel[(memory_tiles + triton.cdiv(block, key_tile), rows, sets * group)](
+                *inputs, group_keys, group_values, grad_weights, *shape, memory_tiles, first_head, *scales,
+                GROUP=group, **ctx.settings, **tiles["keys"],
+            )
+            features_of_group = slice(first_head * head_dim, (first_head + group) * head_dim)
+            grad_keys[..., features_of_group] = group_keys
+            grad_values[..., features_of_group] = group_values
+        del group_keys, group_values  # before the queries' gradient is allocated: a lower peak
+        grad_q = torch.empty_like(q)
         _bwd_queries_kernel[(triton.cdiv(queries, tiles["queries"]["BLOCK_M"]), rows, heads)](
             *inputs, grad_q, *shape, *scales, **ctx.settings, **tiles["queries"],
         )
         return (
-            grad_q, grad_keys.to(keys.dtype), grad_values.to(values.dtype), None,
-            grad_weights.to(memory_weights.dtype), None, None, None, None,
+            grad_q, grad_keys, grad_values, None, grad_weights.to(memory_weights.dtype), None, None, None, None,
         )
+
+
+def _key_gradient_group(heads_per_set: int) -> int:
+    """Heads per routing set whose key and value gradients one launch of the keys' backward accumulates: the
+    largest divisor of `heads_per_set` up to KEY_GRADIENT_HEADS."""
+    return max(g for g in range(1, min(KEY_GRADIENT_HEADS, heads_per_set) + 1) if heads_per_set % g == 0)
 
 
 def memory_attention_triton(
