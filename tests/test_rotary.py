@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from colt5.rotary import RotaryEmbedding, apply_rotary, apply_rotary_reference
-from colt5.rotary_triton import apply_rotary_triton
+from colt5.rotary_triton import _alignment, apply_rotary_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled kernel, dispatch)")
@@ -66,6 +66,46 @@ def test_kernel_matches_reference_with_gradient(name):
     out = apply_rotary_triton(x, cos, sin)
     out.backward(grad)
     assert out.shape == x.shape and out.dtype == x.dtype
+    assert rel_err(out, expected) < 1e-6
+    assert rel_err(x.grad, x64.grad) < 1e-6
+
+
+def test_alignment_of_rows():
+    """What the kernel is told of the strides it is not specialized on: the largest power of two, at most 16,
+    dividing the leading strides (of x, of cos and sin, of the output)."""
+    x = torch.randn(2, 4, 8, 64)
+    assert _alignment(x) == 16  # strides 2048, 512, 64: the cap
+    assert _alignment(torch.randn(3, 8, 24)[..., :16]) == 8  # strides 192, 24
+    wider = torch.randn(2, 4, 8, 66)[..., :64]  # the rows of a wider tensor: strides 2112, 528, 66
+    assert _alignment(wider) == 2
+    assert _alignment(torch.randn(3, 5, 65)[..., :64]) == 1  # strides 325, 65
+    broadcast = torch.randn(2, 1, 8, 64).expand(x.shape)  # stride 0 over the heads divides everything
+    assert broadcast.stride(1) == 0 and _alignment(broadcast) == 16
+    assert _alignment(x, broadcast, broadcast, x) == 16
+    assert _alignment(x, broadcast, wider) == 2  # the least aligned tensor decides
+    assert _alignment(torch.randn(64)) == 16  # no leading dimension
+    column = torch.randn(4, 64, 1).transpose(1, 2)  # size 1 with stride 1: its index is always 0
+    assert column.stride() == (64, 1, 1) and _alignment(column) == 16
+
+
+@pytest.mark.parametrize("width, align", [(66, 2), (65, 1)])
+def test_kernel_matches_reference_with_unaligned_rows(width, align):
+    """x, cos and sin the first 64 features of tensors `width` wide: rows start at multiples of 66 or 65, so the
+    kernel compiles for rows aligned to 2 elements or 1 (narrower or scalar loads), forward and backward (cos
+    and sin keep their layout in the backward pass), while the output's rows are aligned to 16. The tolerance is the
+    other layouts' (float32 inputs)."""
+    batch, heads, n, dim = 2, 3, 5, 64
+    x = torch.randn(batch, heads, n, width, device=DEVICE)[..., :dim]
+    cos, sin = (torch.randn(batch, 1, n, width, device=DEVICE)[..., :dim] for _ in range(2))
+    assert _alignment(x) == _alignment(cos.expand(x.shape), sin.expand(x.shape)) == align
+    grad = torch.randn(x.shape, device=DEVICE)
+    x64 = x.detach().double().requires_grad_()
+    expected = apply_rotary_reference(x64, cos.double(), sin.double())
+    expected.backward(grad.double())
+
+    x = x.detach().requires_grad_()
+    out = apply_rotary_triton(x, cos, sin)
+    out.backward(grad)
     assert rel_err(out, expected) < 1e-6
     assert rel_err(x.grad, x64.grad) < 1e-6
 
