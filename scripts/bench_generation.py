@@ -5,9 +5,18 @@ stop). Measured in one run on one GPU, bf16 weights, for CoLT5 with CUDA-graph d
 the same weights with the captured step compiled first (`colt5 compiled`, `compile_decoding=True`) and decoding
 eagerly (`colt5 eager`, `cuda_graph_decoding=False`), and Llama with transformers' DynamicCache (`llama`, eager)
 and with its static cache (`llama static`: generate() then compiles the decode step with torch.compile in
-"reduce-overhead" mode, CUDA graphs included: Llama's fastest decoding in transformers):
+"reduce-overhead" mode, CUDA graphs included: Llama's fastest decoding in transformers).
+First a process warm-up pays, charged to no model, what a process pays once whichever model runs first: on a GPU
+the CUDA context, cuBLAS's initialisation (a bf16 matmul) and a causal SDPA call's; its time is in the header line
+(and the JSON's meta, process_warmup_s). Then, for each model:
 - first generate(2) s: the first generate() at this shape, 2 new tokens (the prefill and the first decode step),
-  with one-time costs (kernel compiles for new sizes, per-shape set-up); every later figure is of warm runs;
+  with the model's one-time costs (kernel compiles for new sizes, torch.compile where asked, per-shape set-up);
+  every later figure is of warm runs;
+- one-time s: first generate(2) s less the time of a second generate(2) at this shape (warm_generate_s in the
+  JSON): the one-time costs alone. Kernels an earlier shape or model of the run compiled are not compiled again,
+  and Triton's and Inductor's on-disk caches may hold those of earlier runs: a fresh process can pay more (see
+  --first-generate). CoLT5's decode CUDA graph is captured at a cache's second decode step, which generate(2) does
+  not reach: that capture is in first decode s, of every cache;
 - prefill: time of generate(max_new_tokens=1) (the prompt's forward pass);
 - first decode s: time of the first 2 decode steps of a fresh cache (an eager warm-up step and the CUDA graph's
   capture: the one-time cost), apart from the steady steps;
@@ -27,8 +36,17 @@ and with its static cache (`llama static`: generate() then compiles the decode s
 Prompts are multiples of the CoLT5 block size, so the first decoded token re-routes the memory: the decode time
 includes one re-routing per layer.
 
+--first-generate, instead of the above: the one-time costs of a fresh process. For each shape and model (--only;
+`colt5` and `llama static` unless named) the script runs itself twice in a new process, which does the process
+warm-up, builds the models as above (the same seed: the same weights) and times the model's first generate(2) and
+a second one. Both processes keep Triton's and Inductor's on-disk caches (TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR)
+in the same new folder: the first finds them empty ("cold": a user's first run on a machine), the second finds
+what the first compiled ("warm": every later process). Each prints a row of its process warm-up s, first
+generate(2) s, warm generate(2) s and one-time s (the JSON's "first_generate"); a process that fails prints its
+exit code and the end of its stderr instead, and the next one runs.
+
 Usage: python scripts/bench_generation.py [--contexts 4096 16384 32768] [--batches 1 8] [--new-tokens 128]
-       [--only colt5 "llama static"] [--profile] [--json results/x.json]
+       [--only colt5 "llama static"] [--profile] [--first-generate] [--json results/x.json]
        (--smoke: tiny models on CPU, to check the script runs; --profile: each decode step's largest kernels)
 """
 
@@ -37,10 +55,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
@@ -87,6 +111,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def process_warmup(device: torch.device, dtype: torch.dtype) -> float:
+    """Seconds of the costs a process pays once, whichever model runs first: on a GPU the CUDA context (created by
+    the first tensor), cuBLAS's initialisation (a matmul) and the attention libraries' (a causal SDPA call, Llama's
+    attention). Run before any model is measured, so that no model's first generate() is charged for them."""
+    start = time.perf_counter()
+    matrix = torch.randn(256, 256, device=device, dtype=dtype)
+    matrix @ matrix
+    heads = torch.randn(1, 12, 256, 64, device=device, dtype=dtype)  # (batch, heads, tokens, head dim): Llama's
+    F.scaled_dot_product_attention(heads, heads, heads, is_causal=True)
+    sync(device)
+    return time.perf_counter() - start
+
+
 class StepClock(LogitsProcessor):
     """Records when each generation step's logits are ready (after a device synchronisation): the first call
     follows the prefill, each later one a decode step."""
@@ -114,6 +151,23 @@ def timed_generate(model, prompt, new_tokens: int, device: torch.device, clock: 
     )
     sync(device)
     return time.perf_counter() - start, out
+
+
+def random_prompt(vocab_size: int, context: int, batch: int, device: torch.device) -> torch.Tensor:
+    """The `(batch, context)` prompt of this shape: the same in every process and for every model."""
+    generator = torch.Generator().manual_seed(context + batch)
+    return torch.randint(3, vocab_size, (batch, context), generator=generator).to(device)
+
+
+def first_and_warm_generate(model, prompt: torch.Tensor, device: torch.device, **settings) -> tuple[float, float]:
+    """Seconds of the first generate(2) at the prompt's shape and of a second one: the first pays the one-time costs
+    (the router's Triton kernels compile for each new row length: the prompt's blocks and the first re-routing;
+    torch.compile of the decode step where asked; per-shape set-up), the second does not."""
+    # [0]: each output (and the cache in it) is dropped before the next generate() allocates its own; Llama's static
+    # cache at 128k and batch 8 is 26 GB, and two of them at once ran an H100 out of memory.
+    first = timed_generate(model, prompt, 2, device, **settings)[0]
+    warm = timed_generate(model, prompt, 2, device, **settings)[0]
+    return first, warm
 
 
 def generate_device_ms(model, prompt, new_tokens: int, device: torch.device, **settings) -> float:
@@ -171,14 +225,9 @@ def step_times(model, prompt: torch.Tensor, device: torch.device, steps: int = 8
 def measure(
     model, context: int, batch: int, new_tokens: int, device: torch.device, profile_name: str | None = None, **settings
 ) -> dict:
-    generator = torch.Generator().manual_seed(context + batch)
-    prompt = torch.randint(3, model.config.vocab_size, (batch, context), generator=generator).to(device)
+    prompt = random_prompt(model.config.vocab_size, context, batch, device)
     with torch.no_grad():
-        # The first generate() at this shape: one-time costs (the router's Triton kernels compile for each new row
-        # length: the prompt's blocks and the first re-routing; CUDA-graph capture; torch.compile where asked).
-        # [0]: each output (and the cache in it) is dropped before the next generate() allocates its own; Llama's
-        # static cache at 128k and batch 8 is 26 GB, and two of them at once ran an H100 out of memory.
-        first = timed_generate(model, prompt, 2, device, **settings)[0]
+        first, warm = first_and_warm_generate(model, prompt, device, **settings)
         prefill = timed_generate(model, prompt, 1, device, **settings)[0]
         if settings:  # a static cache of another length is compiled for anew: not inside the timed run
             timed_generate(model, prompt, new_tokens, device, **settings)
@@ -197,6 +246,8 @@ def measure(
     decode_s = clock.times[-1] - clock.times[0]
     return dict(
         first_generate_s=first,
+        warm_generate_s=warm,
+        one_time_s=first - warm,
         prefill_s=prefill,
         total_s=total,
         decode_tok_s=batch * (new_tokens - 1) / max(decode_s, 1e-9),
@@ -209,20 +260,22 @@ def measure(
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--smoke", action="store_true", help="tiny models, short contexts, CPU is fine")
-    parser.add_argument("--only", nargs="+", default=None, help="measure only these models (names as printed)")
-    parser.add_argument("--profile", action="store_true", help="print the kernels of each model's decode step")
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+# The benchmarked models, in the order of the rows; build_models makes them.
+MODEL_NAMES = ("colt5", "colt5 compiled", "colt5 eager", "llama", "llama static")
+# --first-generate's models unless --only names others: CoLT5's default decoding and Llama's fastest.
+FIRST_GENERATE_MODELS = ("colt5", "llama static")
+# Starts a --first-generate child's result line, so that the parent finds it whatever else reaches the child's stdout.
+CHILD_RESULT = "first-generate result: "
+# The columns of --first-generate's table.
+FIRST_GENERATE_COLUMNS = ("model", "context", "batch", "caches", "process warm-up s", "first generate(2) s",
+                          "warm generate(2) s", "one-time s")
+
+
+def build_models(smoke: bool, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    """Every benchmarked model by name (MODEL_NAMES), in evaluation mode on `device`. Seeded, so that every process
+    (the --first-generate children too) builds the same weights."""
     torch.manual_seed(0)
-    colt5 = colt5_config(args.smoke)
+    colt5 = colt5_config(smoke)
     compiled_config = copy.deepcopy(colt5)
     compiled_config.compile_decoding = True
     eager_config = copy.deepcopy(colt5)
@@ -239,11 +292,135 @@ def main() -> None:
         models[name].load_state_dict(models["colt5"].state_dict())
     for model in models.values():
         model.to(device=device, dtype=dtype).eval()
-    params = {name: sum(p.numel() for p in model.parameters()) / 1e6 for name, model in models.items()}
-    unknown = set(args.only or ()) - set(models)
+    return models
+
+
+def run_meta(device: torch.device, dtype: torch.dtype, smoke: bool) -> dict:
+    """The machine, versions and CoLT5 configuration of a run."""
+    return dict(
+        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        dtype=str(dtype), torch=torch.__version__, transformers=transformers.__version__,
+        colt5_config=colt5_config(smoke).to_diff_dict(),
+    )
+
+
+def write_results(meta: dict, path: str | None, **results: list[dict]) -> None:
+    """Prints the run's meta (less the CoLT5 configuration) as a JSON line; writes it and `results` to `path`."""
+    print(json.dumps({k: v for k, v in meta.items() if k != "colt5_config"}))
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(meta=meta, **results), f, indent=1)
+
+
+def first_generate_child(
+    name: str, smoke: bool, context: int, batch: int, device: torch.device, dtype: torch.dtype
+) -> None:
+    """A --first-generate child: the process warm-up, model `name`, its first and a warm generate(2) at this shape;
+    prints the seconds as one JSON line after CHILD_RESULT."""
+    warmup = process_warmup(device, dtype)
+    model = build_models(smoke, device, dtype)[name]
+    prompt = random_prompt(model.config.vocab_size, context, batch, device)
+    with torch.no_grad():
+        first, warm = first_and_warm_generate(model, prompt, device, **GENERATE_SETTINGS.get(name, {}))
+    result = dict(process_warmup_s=warmup, first_generate_s=first, warm_generate_s=warm, one_time_s=first - warm)
+    print(CHILD_RESULT + json.dumps(result), flush=True)
+
+
+def run_first_generate_child(name: str, context: int, batch: int, smoke: bool, cache_dir: str) -> dict:
+    """Runs this script as a --first-generate child in a fresh process whose Triton and Inductor caches are under
+    `cache_dir`; its result, or on failure its exit code and the end of its stderr."""
+    env = {
+        **os.environ,
+        "TRITON_CACHE_DIR": os.path.join(cache_dir, "triton"),
+        "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache_dir, "inductor"),
+    }
+    command = [
+        sys.executable, os.path.abspath(__file__), "--first-generate-child", name,
+        "--contexts", str(context), "--batches", str(batch), *(["--smoke"] if smoke else []),
+    ]
+    child = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    results = [line[len(CHILD_RESULT):] for line in child.stdout.splitlines() if line.startswith(CHILD_RESULT)]
+    if child.returncode != 0 or not results:
+        return dict(error=f"exit code {child.returncode}", stderr_tail="\n".join(child.stderr.splitlines()[-20:]))
+    return json.loads(results[-1])
+
+
+def print_first_generate_row(row: dict) -> None:
+    """One row of --first-generate's table (FIRST_GENERATE_COLUMNS), or the child's failure."""
+    shape = f"{row['model']:<14} {row['context']:>7} {row['batch']:>5} {row['caches']:<6}"
+    if "error" in row:
+        print(f"{shape} failed: {row['error']}; the end of its stderr:", flush=True)
+        for line in row["stderr_tail"].splitlines():
+            print(f"#   {line}", flush=True)
+        return
+    times = (row["process_warmup_s"], row["first_generate_s"], row["warm_generate_s"], row["one_time_s"])
+    print(shape + "".join(f" {t:>{len(column)}.3f}" for t, column in zip(times, FIRST_GENERATE_COLUMNS[4:])),
+          flush=True)
+
+
+def first_generate_rows(names: list[str], contexts: list[int], batches: list[int], smoke: bool) -> list[dict]:
+    """--first-generate: for each shape and model, the one-time costs of fresh processes, with Triton's and
+    Inductor's on-disk caches empty ("cold") and then holding the first process's entries ("warm")."""
+    print(f"{FIRST_GENERATE_COLUMNS[0]:<14} {FIRST_GENERATE_COLUMNS[1]:>7} {FIRST_GENERATE_COLUMNS[2]:>5} "
+          f"{FIRST_GENERATE_COLUMNS[3]:<6} " + " ".join(FIRST_GENERATE_COLUMNS[4:]), flush=True)
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            for name in names:
+                # Fresh caches for each shape and model: a cold run finds no kernel that another one compiled.
+                cache_dir = tempfile.mkdtemp(prefix="bench_generation_caches_")
+                try:
+                    for caches in ("cold", "warm"):
+                        row = dict(model=name, context=context, batch=batch, caches=caches,
+                                   **run_first_generate_child(name, context, batch, smoke, cache_dir))
+                        print_first_generate_row(row)
+                        rows.append(row)
+                finally:
+                    shutil.rmtree(cache_dir, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--smoke", action="store_true", help="tiny models, short contexts, CPU is fine")
+    parser.add_argument("--only", nargs="+", default=None, help="measure only these models (names as printed)")
+    parser.add_argument("--profile", action="store_true", help="print the kernels of each model's decode step")
+    parser.add_argument(
+        "--first-generate", action="store_true",
+        help="instead: the first generate(2)'s one-time costs in fresh processes, with cold and warm on-disk caches",
+    )
+    parser.add_argument("--first-generate-child", metavar="NAME", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    unknown = set(args.only or ()) - set(MODEL_NAMES)
     if unknown:
-        parser.error(f"--only: no model named {sorted(unknown)}; the models are {list(models)}.")
-    names = [name for name in models if not args.only or name in args.only]
+        parser.error(f"--only: no model named {sorted(unknown)}; the models are {list(MODEL_NAMES)}.")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    if args.first_generate_child:
+        (context,), (batch,) = args.contexts, args.batches  # one shape a child: its caches are cold only once
+        first_generate_child(args.first_generate_child, args.smoke, context, batch, device, dtype)
+        return
+    if args.first_generate:
+        names = [name for name in MODEL_NAMES if name in (args.only or FIRST_GENERATE_MODELS)]
+        rows = first_generate_rows(names, args.contexts, args.batches, args.smoke)
+        # Only now: the parent creates no CUDA context (GPU memory) while its children run.
+        write_results(run_meta(device, dtype, args.smoke), args.json, first_generate=rows)
+        return
+
+    warmup = process_warmup(device, dtype)
+    meta = dict(**run_meta(device, dtype, args.smoke), process_warmup_s=warmup, new_tokens=args.new_tokens)
+    print(f"# {meta['device']}, {meta['dtype']}: process warm-up s {warmup:.3f} (on a GPU the CUDA context, a matmul "
+          f"and a causal SDPA call: before any model, charged to none)", flush=True)
+    models = build_models(args.smoke, device, dtype)
+    meta["params_millions"] = {
+        name: sum(p.numel() for p in model.parameters()) / 1e6 for name, model in models.items()
+    }
+    names = [name for name in MODEL_NAMES if not args.only or name in args.only]
 
     rows = []
     for context in args.contexts:
@@ -266,20 +443,13 @@ def main() -> None:
                     f"context {context:>6} batch {batch} {name:<14}: decode tok/s {r['decode_tok_s']:8.1f} {ratio} | "
                     f"generate device ms {r['generate_device_ms']:6.2f} | "
                     f"step ms {r['step_ms']:6.2f} device ms {r['device_ms']:6.2f} | end-to-end tok/s "
-                    f"{r['end_to_end_tok_s']:8.1f} | prefill s {r['prefill_s']:.3f} first generate(2) s {r['first_generate_s']:.3f} | "
+                    f"{r['end_to_end_tok_s']:8.1f} | prefill s {r['prefill_s']:.3f} first generate(2) s {r['first_generate_s']:.3f} "
+                    f"one-time s {r['one_time_s']:.3f} | "
                     f"first decode s {r['first_decode_s']:.3f} slowest step ms {r['slowest_step_ms']:6.1f} | cache MB {r['cache_mb']:8.1f} | peak GB {r['peak_gb']:.2f}",
                     flush=True,
                 )
 
-    meta = dict(
-        device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        dtype=str(dtype), torch=torch.__version__, transformers=transformers.__version__,
-        params_millions=params, new_tokens=args.new_tokens, colt5_config=colt5.to_diff_dict(),
-    )
-    print(json.dumps({k: v for k, v in meta.items() if k != "colt5_config"}))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    write_results(meta, args.json, rows=rows)
 
 
 if __name__ == "__main__":
