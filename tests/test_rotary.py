@@ -42,6 +42,10 @@ def layout(name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor,
         return torch.randn(2, batch, heads, n, dim, dtype=dtype, device=DEVICE), *tables(batch, 1, n, dim)
     if name == "one row per position":
         return torch.randn(n, dim, dtype=dtype, device=DEVICE), *tables(n, dim)
+    if name.startswith("rows of a wider tensor"):  # rows start at multiples of 66 or 65: aligned to 2 or 1 element
+        width = int(name.split()[-1])
+        x = torch.randn(batch, heads, n, width, dtype=dtype, device=DEVICE)[..., :dim]
+        return x, *(t[..., :dim] for t in tables(batch, 1, n, width))
     raise ValueError(name)
 
 
@@ -51,6 +55,8 @@ LAYOUTS = [
     "chunk of a fused projection",
     "five dimensions",
     "one row per position",
+    "rows of a wider tensor 66",
+    "rows of a wider tensor 65",
 ]
 
 
@@ -89,25 +95,12 @@ def test_alignment_of_rows():
 
 
 @pytest.mark.parametrize("width, align", [(66, 2), (65, 1)])
-def test_kernel_matches_reference_with_unaligned_rows(width, align):
-    """x, cos and sin the first 64 features of tensors `width` wide: rows start at multiples of 66 or 65, so the
-    kernel compiles for rows aligned to 2 elements or 1 (narrower or scalar loads), forward and backward (cos
-    and sin keep their layout in the backward pass), while the output's rows are aligned to 16. The tolerance is the
-    other layouts' (float32 inputs)."""
-    batch, heads, n, dim = 2, 3, 5, 64
-    x = torch.randn(batch, heads, n, width, device=DEVICE)[..., :dim]
-    cos, sin = (torch.randn(batch, 1, n, width, device=DEVICE)[..., :dim] for _ in range(2))
+def test_rows_of_a_wider_tensor_compile_for_their_alignment(width, align):
+    """The layouts "rows of a wider tensor" (test_kernel_matches_reference_with_gradient): x, cos and sin are the
+    first features of rows 66 or 65 wide, so the kernel is told rows aligned to 2 elements or 1 (narrower or scalar
+    loads), forward and backward (cos and sin keep their layout in the backward pass)."""
+    x, cos, sin = layout(f"rows of a wider tensor {width}")
     assert _alignment(x) == _alignment(cos.expand(x.shape), sin.expand(x.shape)) == align
-    grad = torch.randn(x.shape, device=DEVICE)
-    x64 = x.detach().double().requires_grad_()
-    expected = apply_rotary_reference(x64, cos.double(), sin.double())
-    expected.backward(grad.double())
-
-    x = x.detach().requires_grad_()
-    out = apply_rotary_triton(x, cos, sin)
-    out.backward(grad)
-    assert rel_err(out, expected) < 1e-6
-    assert rel_err(x.grad, x64.grad) < 1e-6
 
 
 def test_kernel_rotates_by_position():
