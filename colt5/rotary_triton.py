@@ -13,8 +13,8 @@ specialized every layout (broadcast tables' stride 0, decoding's one position, e
 its own: on an H100, a fresh process compiled for 2.7 s over a 119M model's first prefill and decoding step. None is
 specialized; what the compiler took from them to vectorize the loads and stores, that every row starts aligned, it
 is told by compile-time constants instead: for x, for cos and sin, and for the output, the largest power of two (at
-most 16 elements) dividing the tensor's leading strides. They are apart because an output written in 16-byte vectors
-from rows of x that are not aligned to them was 30% faster than with all accesses as narrow as x's.
+most 16 elements) dividing the tensor's leading strides. They are apart because one for all narrowed the output's
+stores to x's loads: 30% longer on an H100 for rows of x 66 elements apart.
 """
 
 from __future__ import annotations
