@@ -395,7 +395,10 @@ class _MemoryAttention(torch.autograd.Function):
 def _key_gradient_group(heads_per_set: int) -> int:
     """Heads per routing set whose key and value gradients one launch of the keys' backward accumulates: the
     largest divisor of `heads_per_set` up to KEY_GRADIENT_HEADS."""
-    return max(g for g in range(1, min(KEY_GRADIENT_HEADS, heads_per_set) + 1) if heads_per_set % g == 0)
+    group = min(KEY_GRADIENT_HEADS, heads_per_set)
+    while heads_per_set % group:
+        group -= 1
+    return group
 
 
 def memory_attention_triton(
