@@ -369,9 +369,8 @@ class _MemoryAttention(torch.autograd.Function):
         # Float32 buffers of every head would hold twice the bytes of the half-precision gradients, the largest
         # tensors of the layer's backward pass: a few heads per launch bound them (see KEY_GRADIENT_HEADS).
         group = _key_gradient_group(heads // sets)
-        group_keys, group_values = (
-            torch.empty(batch, sets, n, group * head_dim, dtype=torch.float32, device=keys.device) for _ in range(2)
-        )
+        group_keys = torch.empty(batch, sets, n, group * head_dim, dtype=torch.float32, device=keys.device)
+        group_values = torch.empty_like(group_keys)
         for first_head in range(0, heads // sets, group):
             group_keys.zero_()
             group_values.zero_()
