@@ -4,9 +4,8 @@
     y = A_light(x) + lambda_q * A_heavy(x_q, lambda_kv * x_kv)
 
 Light branch: local attention (every token attends to the `light_window_size` tokens on each side) with few
-heads: on GPUs FlexAttention over the window's tiles where gradients flow (without gradients, or with attention
-dropout, one SDPA call over blocked windows, which needs no compilation; sliding_window.py), elsewhere the
-local-attention package, the reference both are tested against.
+heads: on GPUs FlexAttention over the window's tiles (or, with attention dropout, one SDPA call over blocked
+windows; sliding_window.py), elsewhere the local-attention package, the reference both are tested against.
 Heavy branch: full attention from routed queries to routed keys/values with more heads; the heavy heads are split
 evenly among `num_routed_kv` key/value routing sets. `RoutedAttentionBase` holds the heavy branch that the cross
 and image attention (cross_attention.py, image_attention.py) share with this layer.
@@ -308,18 +307,9 @@ class TwoBranchAttention(RoutedAttentionBase):
         """The light branch's windowed attention: q, k, v `(batch, light_heads, n, head_dim)`, mask `(batch, n)`
         bool (False = padding) or None."""
         dropout = self.dropout if self.training else 0.0
-        needs_gradients = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if (
-            q.is_cuda
-            and dropout == 0.0
-            and q.shape[-1] >= FLEX_MIN_HEAD_DIM
-            and (needs_gradients or torch.compiler.is_compiling())
-        ):
+        if q.is_cuda and dropout == 0.0 and q.shape[-1] >= FLEX_MIN_HEAD_DIM:
             # The local-attention package materialises blocked score matrices through a chain of einsums, masks and
-            # softmax; FlexAttention visits the same windows in one fused kernel, forward and backward. It must be
-            # compiled, once per process: seconds (an H100: 3.1 s with empty caches, 1.1 s with Inductor's on-disk
-            # cache, after torch.compile's own imports), which a first prefill would pay. Without gradients, the
-            # SDPA path below: the same attention (tested), nothing to compile.
+            # softmax; FlexAttention visits the same windows in one fused kernel.
             return flex_sliding_window_attention(q, k, v, mask, self.light_window_size, self.causal)
         valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device) if mask is None else mask.bool()
         if q.is_cuda:
