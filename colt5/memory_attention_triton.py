@@ -57,8 +57,9 @@ TILES = dict(
 )
 DELTA_QUERIES = 64  # queries per program of the delta kernel (a reduction over head_dim; any size will do)
 # Heads per routing set per launch of the keys' backward. Its float32 buffers then hold KEY_GRADIENT_HEADS /
-# heads_per_set of all heads' gradients (a quarter with 8 heads: 0.27 GB rather than 1.07 GB for a 131,072-token
-# batch of 2 at width 512), at the cost of one launch per group (the programs are the same).
+# heads_per_set of all heads' gradients (a quarter with 8 heads: 0.27 GB for a 131,072-token batch of 2 at width
+# 512, beside the 0.54 GB of the half-precision gradients they are copied into, where all heads' float32 buffers
+# took 1.07 GB and their casts 0.54 more), at the cost of one launch per group (the programs are the same).
 KEY_GRADIENT_HEADS = 2
 
 
@@ -187,7 +188,9 @@ def _probabilities(q, k_att, lse, allowed, qk_scale, PRECISION: tl.constexpr):
     return tl.where(allowed, tl.exp2(qk - lse[:, None]), 0.0)
 
 
-@triton.jit
+# first_head is 0, then a multiple of the group: specialized (divisible by 16 or not, equal to 1), it would compile
+# the largest backward kernel two or three times over.
+@triton.jit(do_not_specialize=["first_head"])
 def _bwd_keys_kernel(
     q_ptr, keys_ptr, values_ptr, memory_index_ptr, memory_weights_ptr, block_index_ptr, query_slot_ptr,
     grad_out_ptr, lse_ptr, delta_ptr, grad_keys_ptr, grad_values_ptr, grad_weights_ptr,

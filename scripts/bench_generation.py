@@ -9,14 +9,15 @@ and with its static cache (`llama static`: generate() then compiles the decode s
 First a process warm-up pays, charged to no model, what a process pays once whichever model runs first: on a GPU
 the CUDA context, cuBLAS's initialisation (a bf16 matmul) and a causal SDPA call's; its time is in the header line
 (and the JSON's meta, process_warmup_s). Then, for each model:
-- first generate(2) s: the first generate() at this shape, 2 new tokens (the prefill and the first decode step),
-  with the model's one-time costs (kernel compiles for new sizes, torch.compile where asked, per-shape set-up);
-  every later figure is of warm runs;
-- one-time s: first generate(2) s less the time of a second generate(2) at this shape (warm_generate_s in the
+- first generate(3) s: the first generate() at this shape, 3 new tokens (the prefill and two decode steps: CoLT5
+  captures its decode CUDA graph at a cache's second decode step, compiled first with `compile_decoding`; Llama's
+  static cache compiles its step at the first), with the model's one-time costs (kernel compiles for new sizes,
+  torch.compile where asked, graph capture, per-shape set-up); every later figure is of warm runs (measurements
+  before 2026-12-07's session 40 timed generate(2), without CoLT5's capture);
+- one-time s: first generate(3) s less the time of a second generate(3) at this shape (warm_generate_s in the
   JSON): the one-time costs alone. Kernels an earlier shape or model of the run compiled are not compiled again,
   and Triton's and Inductor's on-disk caches may hold those of earlier runs: a fresh process can pay more (see
-  --first-generate). CoLT5's decode CUDA graph is captured at a cache's second decode step, which generate(2) does
-  not reach: that capture is in first decode s, of every cache;
+  --first-generate). Every new cache captures its graph again (about 0.04 s): in first decode s;
 - prefill: time of generate(max_new_tokens=1) (the prompt's forward pass);
 - first decode s: time of the first 2 decode steps of a fresh cache (an eager warm-up step and the CUDA graph's
   capture: the one-time cost), apart from the steady steps;
@@ -38,12 +39,13 @@ includes one re-routing per layer.
 
 --first-generate, instead of the above: the one-time costs of a fresh process. For each shape and model (--only;
 `colt5` and `llama static` unless named) the script runs itself twice in a new process, which does the process
-warm-up, builds the models as above (the same seed: the same weights) and times the model's first generate(2) and
+warm-up, builds the models as above (the same seed: the same weights) and times the model's first generate(3) and
 a second one. Both processes keep Triton's and Inductor's on-disk caches (TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR)
-in the same new folder: the first finds them empty ("cold": a user's first run on a machine), the second finds
-what the first compiled ("warm": every later process). Each prints a row of its process warm-up s, first
-generate(2) s, warm generate(2) s and one-time s (the JSON's "first_generate"); a process that fails prints its
-exit code and the end of its stderr instead, and the next one runs.
+in the same new folder: the first finds them empty ("cold", as on a machine's first run, though the operating
+system's file cache is warm from the parent), the second finds what the first compiled ("warm": every later
+process). Each prints a row of its process warm-up s, first generate(3) s, second generate(3) s and one-time s (the
+JSON's "first_generate"); a process that fails or runs past CHILD_TIMEOUT_S prints why and the end of its stderr
+instead, and the next one runs.
 
 Usage: python scripts/bench_generation.py [--contexts 4096 16384 32768] [--batches 1 8] [--new-tokens 128]
        [--only colt5 "llama static"] [--profile] [--first-generate] [--json results/x.json]
@@ -72,6 +74,8 @@ from colt5 import CoLT5Config, CoLT5ForCausalLM
 from colt5.cache_colt5 import CACHE_NAME
 
 VOCAB = 32128
+# New tokens of the generate() whose first call measures the one-time costs (see the module docstring).
+ONE_TIME_TOKENS = 3
 
 
 def colt5_config(smoke: bool) -> CoLT5Config:
@@ -117,7 +121,7 @@ def process_warmup(device: torch.device, dtype: torch.dtype) -> float:
     attention). Run before any model is measured, so that no model's first generate() is charged for them."""
     start = time.perf_counter()
     matrix = torch.randn(256, 256, device=device, dtype=dtype)
-    matrix @ matrix
+    torch.mm(matrix, matrix, out=torch.empty_like(matrix))
     heads = torch.randn(1, 12, 256, 64, device=device, dtype=dtype)  # (batch, heads, tokens, head dim): Llama's
     F.scaled_dot_product_attention(heads, heads, heads, is_causal=True)
     sync(device)
@@ -160,13 +164,13 @@ def random_prompt(vocab_size: int, context: int, batch: int, device: torch.devic
 
 
 def first_and_warm_generate(model, prompt: torch.Tensor, device: torch.device, **settings) -> tuple[float, float]:
-    """Seconds of the first generate(2) at the prompt's shape and of a second one: the first pays the one-time costs
+    """Seconds of the first generate(3) at the prompt's shape and of a second one: the first pays the one-time costs
     (the router's Triton kernels compile for each new row length: the prompt's blocks and the first re-routing;
     torch.compile of the decode step where asked; per-shape set-up), the second does not."""
     # [0]: each output (and the cache in it) is dropped before the next generate() allocates its own; Llama's static
     # cache at 128k and batch 8 is 26 GB, and two of them at once ran an H100 out of memory.
-    first = timed_generate(model, prompt, 2, device, **settings)[0]
-    warm = timed_generate(model, prompt, 2, device, **settings)[0]
+    first = timed_generate(model, prompt, ONE_TIME_TOKENS, device, **settings)[0]
+    warm = timed_generate(model, prompt, ONE_TIME_TOKENS, device, **settings)[0]
     return first, warm
 
 
@@ -267,8 +271,10 @@ FIRST_GENERATE_MODELS = ("colt5", "llama static")
 # Starts a --first-generate child's result line, so that the parent finds it whatever else reaches the child's stdout.
 CHILD_RESULT = "first-generate result: "
 # The columns of --first-generate's table.
-FIRST_GENERATE_COLUMNS = ("model", "context", "batch", "caches", "process warm-up s", "first generate(2) s",
-                          "warm generate(2) s", "one-time s")
+FIRST_GENERATE_COLUMNS = ("model", "context", "batch", "caches", "process warm-up s", "first generate(3) s",
+                          "second generate(3) s", "one-time s")
+# Seconds a --first-generate child may take (model building, two generate() calls, compiles with empty caches).
+CHILD_TIMEOUT_S = 900
 
 
 def build_models(smoke: bool, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
@@ -315,7 +321,7 @@ def write_results(meta: dict, path: str | None, **results: list[dict]) -> None:
 def first_generate_child(
     name: str, smoke: bool, context: int, batch: int, device: torch.device, dtype: torch.dtype
 ) -> None:
-    """A --first-generate child: the process warm-up, model `name`, its first and a warm generate(2) at this shape;
+    """A --first-generate child: the process warm-up, model `name`, its first and a second generate(3) at this shape;
     prints the seconds as one JSON line after CHILD_RESULT."""
     warmup = process_warmup(device, dtype)
     model = build_models(smoke, device, dtype)[name]
@@ -338,7 +344,11 @@ def run_first_generate_child(name: str, context: int, batch: int, smoke: bool, c
         sys.executable, os.path.abspath(__file__), "--first-generate-child", name,
         "--contexts", str(context), "--batches", str(batch), *(["--smoke"] if smoke else []),
     ]
-    child = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    try:
+        child = subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as expired:
+        stderr = expired.stderr.decode() if isinstance(expired.stderr, bytes) else expired.stderr or ""
+        return dict(error=f"no result within {CHILD_TIMEOUT_S} s", stderr_tail="\n".join(stderr.splitlines()[-20:]))
     results = [line[len(CHILD_RESULT):] for line in child.stdout.splitlines() if line.startswith(CHILD_RESULT)]
     if child.returncode != 0 or not results:
         return dict(error=f"exit code {child.returncode}", stderr_tail="\n".join(child.stderr.splitlines()[-20:]))
@@ -391,7 +401,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the kernels of each model's decode step")
     parser.add_argument(
         "--first-generate", action="store_true",
-        help="instead: the first generate(2)'s one-time costs in fresh processes, with cold and warm on-disk caches",
+        help="instead: the first generate(3)'s one-time costs in fresh processes, with cold and warm on-disk caches",
     )
     parser.add_argument("--first-generate-child", metavar="NAME", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -443,8 +453,8 @@ def main() -> None:
                     f"context {context:>6} batch {batch} {name:<14}: decode tok/s {r['decode_tok_s']:8.1f} {ratio} | "
                     f"generate device ms {r['generate_device_ms']:6.2f} | "
                     f"step ms {r['step_ms']:6.2f} device ms {r['device_ms']:6.2f} | end-to-end tok/s "
-                    f"{r['end_to_end_tok_s']:8.1f} | prefill s {r['prefill_s']:.3f} first generate(2) s {r['first_generate_s']:.3f} "
-                    f"one-time s {r['one_time_s']:.3f} | "
+                    f"{r['end_to_end_tok_s']:8.1f} | prefill s {r['prefill_s']:.3f} "
+                    f"first generate(3) s {r['first_generate_s']:.3f} one-time s {r['one_time_s']:.3f} | "
                     f"first decode s {r['first_decode_s']:.3f} slowest step ms {r['slowest_step_ms']:6.1f} | cache MB {r['cache_mb']:8.1f} | peak GB {r['peak_gb']:.2f}",
                     flush=True,
                 )

@@ -104,17 +104,19 @@ def test_triton_matches_float64_reference(multiply_keys, queries):
         assert rel_err(value, expected) < 2e-5, name
 
 
+@pytest.mark.parametrize("sets", [1, 2])
 @pytest.mark.parametrize("heads_per_launch", [1, 2, 3])
-def test_key_gradients_in_groups_of_heads_match_float64_reference(heads_per_launch, monkeypatch):
+def test_key_gradients_in_groups_of_heads_match_float64_reference(heads_per_launch, sets, monkeypatch):
     """The keys' backward accumulates a few heads per launch (KEY_GRADIENT_HEADS): with 1 (four launches of one
-    head each for 4 heads per set) and 2 as with 3 (the largest divisor of 4 up to 3 is 2), the gradients are the
-    reference's within 2e-5 relative L2 error (float32 kernels against float64)."""
+    head each for 4 heads per set) and 2 as with 3 (the largest divisor of 4 up to 3 is 2), with one routing set or
+    two (a launch covers the same heads of every set), the gradients are the reference's within 2e-5 relative L2
+    error (float32 kernels against float64)."""
     monkeypatch.setattr(memory_attention_triton_module, "KEY_GRADIENT_HEADS", heads_per_launch)
     launches = []
     keys_kernel = memory_attention_triton_module._bwd_keys_kernel
     monkeypatch.setattr(memory_attention_triton_module, "_bwd_keys_kernel", CountedKernel(keys_kernel, launches))
-    problem = random_problem(sets=1, heads_per_set=4)
-    grad_out = torch.randn(6, 24, 4 * 16, dtype=torch.float64) * seen_rows(problem).unsqueeze(-1)
+    problem = random_problem(sets=sets, heads_per_set=4)
+    grad_out = torch.randn(6, 24, sets * 4 * 16, dtype=torch.float64) * seen_rows(problem).unsqueeze(-1)
     _, reference_grads = run(
         problem, memory_attention_reference, torch.float64, grad_out, multiply_keys=True, math_only=True
     )
@@ -132,7 +134,7 @@ class CountedKernel:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.launches.append(args[19])  # first_head, after the 13 pointers and 6 sizes
+            self.launches.append(args[self.kernel.arg_names.index("first_head")])
             return self.kernel[grid](*args, **kwargs)
 
         return launch
