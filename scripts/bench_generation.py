@@ -163,15 +163,16 @@ def random_prompt(vocab_size: int, context: int, batch: int, device: torch.devic
     return torch.randint(3, vocab_size, (batch, context), generator=generator).to(device)
 
 
-def first_and_warm_generate(model, prompt: torch.Tensor, device: torch.device, **settings) -> tuple[float, float]:
-    """Seconds of the first generate(3) at the prompt's shape and of a second one: the first pays the one-time costs
-    (the router's Triton kernels compile for each new row length: the prompt's blocks and the first re-routing;
-    torch.compile of the decode step where asked; per-shape set-up), the second does not."""
+def first_and_warm_generate(model, prompt: torch.Tensor, device: torch.device, **settings) -> dict[str, float]:
+    """Seconds of the first generate(3) at the prompt's shape (first_generate_s), of a second one (warm_generate_s)
+    and their difference (one_time_s): the first pays the one-time costs (Triton kernels compile for new row
+    lengths: the prompt's blocks and the first re-routing; the decode graph's capture, torch.compile where asked;
+    per-shape set-up), the second does not."""
     # [0]: each output (and the cache in it) is dropped before the next generate() allocates its own; Llama's static
     # cache at 128k and batch 8 is 26 GB, and two of them at once ran an H100 out of memory.
     first = timed_generate(model, prompt, ONE_TIME_TOKENS, device, **settings)[0]
     warm = timed_generate(model, prompt, ONE_TIME_TOKENS, device, **settings)[0]
-    return first, warm
+    return dict(first_generate_s=first, warm_generate_s=warm, one_time_s=first - warm)
 
 
 def generate_device_ms(model, prompt, new_tokens: int, device: torch.device, **settings) -> float:
@@ -231,7 +232,7 @@ def measure(
 ) -> dict:
     prompt = random_prompt(model.config.vocab_size, context, batch, device)
     with torch.no_grad():
-        first, warm = first_and_warm_generate(model, prompt, device, **settings)
+        one_time = first_and_warm_generate(model, prompt, device, **settings)
         prefill = timed_generate(model, prompt, 1, device, **settings)[0]
         if settings:  # a static cache of another length is compiled for anew: not inside the timed run
             timed_generate(model, prompt, new_tokens, device, **settings)
@@ -249,9 +250,7 @@ def measure(
             steps = step_times(model, prompt, device, profile_name=profile_name)
     decode_s = clock.times[-1] - clock.times[0]
     return dict(
-        first_generate_s=first,
-        warm_generate_s=warm,
-        one_time_s=first - warm,
+        **one_time,
         prefill_s=prefill,
         total_s=total,
         decode_tok_s=batch * (new_tokens - 1) / max(decode_s, 1e-9),
@@ -327,8 +326,8 @@ def first_generate_child(
     model = build_models(smoke, device, dtype)[name]
     prompt = random_prompt(model.config.vocab_size, context, batch, device)
     with torch.no_grad():
-        first, warm = first_and_warm_generate(model, prompt, device, **GENERATE_SETTINGS.get(name, {}))
-    result = dict(process_warmup_s=warmup, first_generate_s=first, warm_generate_s=warm, one_time_s=first - warm)
+        one_time = first_and_warm_generate(model, prompt, device, **GENERATE_SETTINGS.get(name, {}))
+    result = dict(process_warmup_s=warmup, **one_time)
     print(CHILD_RESULT + json.dumps(result), flush=True)
 
 
