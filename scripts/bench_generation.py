@@ -64,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -276,25 +277,24 @@ FIRST_GENERATE_COLUMNS = ("model", "context", "batch", "caches", "process warm-u
 CHILD_TIMEOUT_S = 900
 
 
-def build_models(smoke: bool, device: torch.device, dtype: torch.dtype) -> dict[str, torch.nn.Module]:
-    """Every benchmarked model by name (MODEL_NAMES), in evaluation mode on `device`. Seeded, so that every process
-    (the --first-generate children too) builds the same weights."""
-    torch.manual_seed(0)
+def build_models(
+    smoke: bool, device: torch.device, dtype: torch.dtype, names: Sequence[str] = MODEL_NAMES
+) -> dict[str, torch.nn.Module]:
+    """The benchmarked models `names` (of MODEL_NAMES) by name, in evaluation mode on `device`. Each is built from
+    seed 0, so that every process (the --first-generate children too) and every subset has the same weights: the
+    three CoLT5 models share theirs, and "llama" and "llama static" are one model (GENERATE_SETTINGS tells them apart)."""
     colt5 = colt5_config(smoke)
-    compiled_config = copy.deepcopy(colt5)
-    compiled_config.compile_decoding = True
-    eager_config = copy.deepcopy(colt5)
-    eager_config.cuda_graph_decoding = False
-    llama = LlamaForCausalLM._from_config(llama_config(colt5), attn_implementation="sdpa")
-    models = {
-        "colt5": CoLT5ForCausalLM(colt5),
-        "colt5 compiled": CoLT5ForCausalLM(compiled_config),
-        "colt5 eager": CoLT5ForCausalLM(eager_config),
-        "llama": llama,
-        "llama static": llama,  # the same model, generate() with a static cache (GENERATE_SETTINGS)
-    }
-    for name in ("colt5 compiled", "colt5 eager"):
-        models[name].load_state_dict(models["colt5"].state_dict())
+    configs = {"colt5": colt5, "colt5 compiled": copy.deepcopy(colt5), "colt5 eager": copy.deepcopy(colt5)}
+    configs["colt5 compiled"].compile_decoding = True
+    configs["colt5 eager"].cuda_graph_decoding = False
+    models, llama = {}, None
+    for name in names:
+        torch.manual_seed(0)
+        if name in configs:
+            models[name] = CoLT5ForCausalLM(configs[name])
+        else:
+            llama = llama or LlamaForCausalLM._from_config(llama_config(colt5), attn_implementation="sdpa")
+            models[name] = llama
     for model in models.values():
         model.to(device=device, dtype=dtype).eval()
     return models
@@ -323,7 +323,7 @@ def first_generate_child(
     """A --first-generate child: the process warm-up, model `name`, its first and a second generate(3) at this shape;
     prints the seconds as one JSON line after CHILD_RESULT."""
     warmup = process_warmup(device, dtype)
-    model = build_models(smoke, device, dtype)[name]
+    model = build_models(smoke, device, dtype, [name])[name]
     prompt = random_prompt(model.config.vocab_size, context, batch, device)
     with torch.no_grad():
         one_time = first_and_warm_generate(model, prompt, device, **GENERATE_SETTINGS.get(name, {}))
@@ -407,6 +407,9 @@ def main() -> None:
     unknown = set(args.only or ()) - set(MODEL_NAMES)
     if unknown:
         parser.error(f"--only: no model named {sorted(unknown)}; the models are {list(MODEL_NAMES)}.")
+    if args.first_generate and args.profile:
+        parser.error("--profile profiles the decode steps of the main benchmark; --first-generate measures one-time "
+                     "costs only. Run them separately.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -425,11 +428,11 @@ def main() -> None:
     meta = dict(**run_meta(device, dtype, args.smoke), process_warmup_s=warmup, new_tokens=args.new_tokens)
     print(f"# {meta['device']}, {meta['dtype']}: process warm-up s {warmup:.3f} (on a GPU the CUDA context, a matmul "
           f"and a causal SDPA call: before any model, charged to none)", flush=True)
-    models = build_models(args.smoke, device, dtype)
+    names = [name for name in MODEL_NAMES if not args.only or name in args.only]
+    models = build_models(args.smoke, device, dtype, names)
     meta["params_millions"] = {
         name: sum(p.numel() for p in model.parameters()) / 1e6 for name, model in models.items()
     }
-    names = [name for name in MODEL_NAMES if not args.only or name in args.only]
 
     rows = []
     for context in args.contexts:

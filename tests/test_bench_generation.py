@@ -64,16 +64,37 @@ def test_smoke_run_reports_the_one_time_costs_apart(tmp_path):
         assert f"one-time s {row[name]['one_time_s']:.3f}" in result.stdout
 
 
-def test_build_models_builds_every_named_model_with_the_same_weights_each_time():
-    """--only is checked against MODEL_NAMES before any model is built, and --first-generate's children build the
-    models again: the names must be build_models' own, and the weights the same in every process."""
+def load_bench():
     spec = importlib.util.spec_from_file_location("bench_generation", REPO / "scripts" / "bench_generation.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def assert_same_weights(model, other, name):
+    for (key, weight), (other_key, other_weight) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert key == other_key and torch.equal(weight, other_weight), (name, key)
+
+
+def test_build_models_builds_the_named_models_with_the_same_weights_in_every_subset():
+    """--only is checked against MODEL_NAMES before any model is built, and a --first-generate child builds only
+    its own model: the names must be build_models' own, and a model's weights the same whatever else is built."""
+    bench = load_bench()
     models = bench.build_models(True, torch.device("cpu"), torch.float32)
     assert tuple(models) == bench.MODEL_NAMES
+    assert models["llama static"] is models["llama"]
+    for name in ("colt5 compiled", "colt5 eager"):
+        assert_same_weights(models["colt5"], models[name], name)
+    assert models["colt5 compiled"].config.compile_decoding and not models["colt5 eager"].config.cuda_graph_decoding
     torch.manual_seed(1)  # build_models seeds itself
-    again = bench.build_models(True, torch.device("cpu"), torch.float32)
-    for name in ("colt5", "llama"):
-        for (key, weight), other in zip(models[name].state_dict().items(), again[name].state_dict().values()):
-            assert torch.equal(weight, other), (name, key)
+    for name in ("colt5 eager", "llama static"):
+        (alone,) = bench.build_models(True, torch.device("cpu"), torch.float32, [name]).values()
+        assert_same_weights(models[name], alone, name)
+
+
+def test_first_generate_rejects_profile():
+    result = subprocess.run(
+        [sys.executable, "scripts/bench_generation.py", "--smoke", "--first-generate", "--profile"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 2 and "Run them separately" in result.stderr, result.stderr
