@@ -293,7 +293,8 @@ def build_models(
         if name in configs:
             models[name] = CoLT5ForCausalLM(configs[name])
         else:
-            llama = llama or LlamaForCausalLM._from_config(llama_config(colt5), attn_implementation="sdpa")
+            if llama is None:
+                llama = LlamaForCausalLM._from_config(llama_config(colt5), attn_implementation="sdpa")
             models[name] = llama
     for model in models.values():
         model.to(device=device, dtype=dtype).eval()
