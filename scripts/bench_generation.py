@@ -39,8 +39,8 @@ includes one re-routing per layer.
 
 --first-generate, instead of the above: the one-time costs of a fresh process. For each shape and model (--only;
 `colt5` and `llama static` unless named) the script runs itself twice in a new process, which does the process
-warm-up, builds the models as above (the same seed: the same weights) and times the model's first generate(3) and
-a second one. Both processes keep Triton's and Inductor's on-disk caches (TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR)
+warm-up, builds that model alone as above (from the same seed: the same weights) and times its first generate(3)
+and a second one. Both processes keep Triton's and Inductor's on-disk caches (TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR)
 in the same new folder: the first finds them empty ("cold", as on a machine's first run, though the operating
 system's file cache is warm from the parent), the second finds what the first compiled ("warm": every later
 process). Each prints a row of its process warm-up s, first generate(3) s, second generate(3) s and one-time s (the
