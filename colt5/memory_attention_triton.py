@@ -18,13 +18,15 @@ token is in the memory of several blocks, hence atomics; summation order, and so
 runs), a few heads per launch so that the buffers stay small; one program per (tile of queries, row, head) computes
 the queries' gradient.
 
-Float arguments (the softmax scales) are compile-time constants (`tl.constexpr`): Inductor passes a Python float to a
-kernel it launches as float64 (eager Triton, as float32), which would widen the arithmetic around it.
+The two passes are custom operators (`torch.library.custom_op`): torch.compile calls each as one opaque operation
+and never traces the kernels (see the comment above `_NAMESPACE`). Float arguments (the softmax scales) are
+compile-time constants (`tl.constexpr`): one value per head dimension, so no further compilations.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -322,76 +324,146 @@ def _bwd_queries_kernel(
     tl.store(grad_q_ptr + grad_offsets, (grad_q * sm_scale).to(grad_q_ptr.dtype.element_ty), mask=in_rows[:, None])
 
 
+# The forward and backward passes are custom operators, each one opaque call to torch.compile. Traced instead,
+# Inductor functionalizes what the kernels write in place and keeps copies: at the compiled layer's peak (H100,
+# 131,072 tokens) a float32 copy of the buffer the keys' backward adds into (512 MB), and with the head groups the
+# compiled peak rose from 738 to 859 MB at 32,768 tokens while the eager one fell from 1,026 to 898. Each module
+# copy registers operators of its own (a checkpoint's remote code is a second copy of this file, maybe of another
+# version): the namespace is the module's name. Inductor passes an operator's inputs with the strides they were
+# traced with (custom operators' default layout constraint), so the kernels get them contiguous, as here.
+_NAMESPACE = re.sub(r"\W", "_", __name__)
+
+
+def _settings(q: torch.Tensor, keys: torch.Tensor, multiply_keys: bool, every_query: bool) -> dict:
+    """The kernels' compile-time settings for these queries and keys."""
+    sets = keys.shape[1]
+    return dict(
+        SETS=sets, HEADS_PER_SET=q.shape[1] // sets, HEAD_DIM=q.shape[-1], MULTIPLY_KEYS=multiply_keys,
+        EVERY_QUERY=every_query, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::memory_attention_forward", mutates_args=())
+def _forward(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    memory_index: torch.Tensor,
+    memory_weights: torch.Tensor,
+    block_index: torch.Tensor,
+    query_slot: torch.Tensor,
+    multiply_keys: bool,
+    every_query: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output `(rows, queries, heads, head_dim)` and log-sum-exp (base 2) `(rows, heads, queries)` float32; the
+    arguments as `memory_attention_triton` passes them (contiguous, indices int32)."""
+    rows, heads, queries, head_dim = q.shape
+    batch, _, n, _ = keys.shape
+    slots, block = memory_index.shape[-1], block_index.shape[-1]
+    tiles = _tiles()
+    out = q.new_empty(rows, queries, heads, head_dim)
+    lse = torch.empty(rows, heads, queries, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(queries, tiles["forward"]["BLOCK_M"]), rows, heads)
+    _fwd_kernel[grid](
+        q, keys, values, memory_index, memory_weights, block_index, query_slot, out, lse,
+        rows // batch, n, slots, block, queries, head_dim**-0.5 * 1.4426950408889634,
+        **_settings(q, keys, multiply_keys, every_query), **tiles["forward"],
+    )
+    return out, lse
+
+
+@_forward.register_fake
+def _(q, keys, values, memory_index, memory_weights, block_index, query_slot, multiply_keys, every_query):
+    rows, heads, queries, head_dim = q.shape
+    return q.new_empty(rows, queries, heads, head_dim), q.new_empty(rows, heads, queries, dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::memory_attention_backward", mutates_args=())
+def _backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    memory_index: torch.Tensor,
+    memory_weights: torch.Tensor,
+    block_index: torch.Tensor,
+    query_slot: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    multiply_keys: bool,
+    every_query: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the queries, keys, values and memory weights (their shapes and dtypes) from the output's
+    gradient `grad_out` (contiguous, `out`'s shape) and the forward's `out` and `lse`."""
+    rows, heads, queries, head_dim = q.shape
+    batch, sets, n, _ = keys.shape
+    slots, block = memory_index.shape[-1], block_index.shape[-1]
+    tiles = _tiles()
+    settings = _settings(q, keys, multiply_keys, every_query)
+    delta = torch.empty(rows, heads, queries, dtype=torch.float32, device=q.device)
+    _delta_kernel[(triton.cdiv(queries, DELTA_QUERIES), rows, heads)](
+        grad_out, out, delta, queries, heads, HEAD_DIM=head_dim, BLOCK_M=DELTA_QUERIES
+    )
+    grad_keys, grad_values = torch.empty_like(keys), torch.empty_like(values)
+    grad_weights = torch.zeros(memory_weights.shape, dtype=torch.float32, device=memory_weights.device)
+    shape = (rows // batch, n, slots, block, queries)
+    sm_scale = head_dim**-0.5
+    scales = (sm_scale, sm_scale * 1.4426950408889634)
+    key_tile = tiles["keys"]["BLOCK_N"]
+    memory_tiles = triton.cdiv(slots, key_tile)
+    inputs = (q, keys, values, memory_index, memory_weights, block_index, query_slot, grad_out, lse, delta)
+    # Key and value gradients are sums over every block whose memory holds the token (atomic float32 adds).
+    # Float32 buffers of every head would hold twice the bytes of the half-precision gradients, the largest
+    # tensors of the layer's backward pass: a few heads per launch bound them (see KEY_GRADIENT_HEADS).
+    group = _key_gradient_group(heads // sets)
+    group_keys = torch.empty(batch, sets, n, group * head_dim, dtype=torch.float32, device=keys.device)
+    group_values = torch.empty_like(group_keys)
+    for first_head in range(0, heads // sets, group):
+        group_keys.zero_()
+        group_values.zero_()
+        _bwd_keys_kernel[(memory_tiles + triton.cdiv(block, key_tile), rows, sets * group)](
+            *inputs, group_keys, group_values, grad_weights, *shape, memory_tiles, first_head, *scales,
+            GROUP=group, **settings, **tiles["keys"],
+        )
+        features_of_group = slice(first_head * head_dim, (first_head + group) * head_dim)
+        grad_keys[..., features_of_group] = group_keys
+        grad_values[..., features_of_group] = group_values
+    del group_keys, group_values  # before the queries' gradient is allocated: a lower peak
+    grad_q = torch.empty_like(q)
+    _bwd_queries_kernel[(triton.cdiv(queries, tiles["queries"]["BLOCK_M"]), rows, heads)](
+        *inputs, grad_q, *shape, *scales, **settings, **tiles["queries"],
+    )
+    return grad_q, grad_keys, grad_values, grad_weights.to(memory_weights.dtype)
+
+
+@_backward.register_fake
+def _(grad_out, q, keys, values, memory_index, memory_weights, block_index, query_slot, out, lse, multiply_keys,
+      every_query):
+    return torch.empty_like(q), torch.empty_like(keys), torch.empty_like(values), torch.empty_like(memory_weights)
+
+
 class _MemoryAttention(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, q, keys, values, memory_index, memory_weights, block_index, query_slot, multiply_keys, every_query
     ):
-        rows, heads, queries, head_dim = q.shape
-        batch, sets, n, features = keys.shape
-        slots, block = memory_index.shape[-1], block_index.shape[-1]
-        tiles = _tiles()
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        sm_scale = head_dim**-0.5
-        settings = dict(
-            SETS=sets, HEADS_PER_SET=heads // sets, HEAD_DIM=head_dim, MULTIPLY_KEYS=multiply_keys,
-            EVERY_QUERY=every_query, PRECISION=precision,
-        )
-        out = q.new_empty(rows, queries, heads, head_dim)
-        lse = torch.empty(rows, heads, queries, dtype=torch.float32, device=q.device)
-        grid = (triton.cdiv(queries, tiles["forward"]["BLOCK_M"]), rows, heads)
-        _fwd_kernel[grid](
-            q, keys, values, memory_index, memory_weights, block_index, query_slot, out, lse,
-            rows // batch, n, slots, block, queries, sm_scale * 1.4426950408889634, **settings, **tiles["forward"],
+        out, lse = _forward(
+            q, keys, values, memory_index, memory_weights, block_index, query_slot, multiply_keys, every_query
         )
         ctx.save_for_backward(q, keys, values, memory_index, memory_weights, block_index, query_slot, out, lse)
-        ctx.settings, ctx.sm_scale = settings, sm_scale
+        ctx.flags = multiply_keys, every_query
+        rows, queries, heads, head_dim = out.shape
         return out.view(rows, queries, heads * head_dim)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, keys, values, memory_index, memory_weights, block_index, query_slot, out, lse = ctx.saved_tensors
-        rows, heads, queries, head_dim = q.shape
-        batch, sets, n, features = keys.shape
-        slots, block = memory_index.shape[-1], block_index.shape[-1]
-        tiles = _tiles()
-        grad_out = grad_out.reshape(out.shape).contiguous()
-        delta = torch.empty(rows, heads, queries, dtype=torch.float32, device=q.device)
-        _delta_kernel[(triton.cdiv(queries, DELTA_QUERIES), rows, heads)](
-            grad_out, out, delta, queries, heads, HEAD_DIM=head_dim, BLOCK_M=DELTA_QUERIES
+        grad_q, grad_keys, grad_values, grad_weights = _backward(
+            grad_out.reshape(out.shape).contiguous(), q, keys, values, memory_index, memory_weights, block_index,
+            query_slot, out, lse, *ctx.flags,
         )
-        grad_keys, grad_values = torch.empty_like(keys), torch.empty_like(values)
-        grad_weights = torch.zeros(memory_weights.shape, dtype=torch.float32, device=memory_weights.device)
-        shape = (rows // batch, n, slots, block, queries)
-        scales = (ctx.sm_scale, ctx.sm_scale * 1.4426950408889634)
-        key_tile = tiles["keys"]["BLOCK_N"]
-        memory_tiles = triton.cdiv(slots, key_tile)
-        inputs = (q, keys, values, memory_index, memory_weights, block_index, query_slot, grad_out, lse, delta)
-        # Key and value gradients are sums over every block whose memory holds the token (atomic float32 adds).
-        # Float32 buffers of every head would hold twice the bytes of the half-precision gradients, the largest
-        # tensors of the layer's backward pass: a few heads per launch bound them (see KEY_GRADIENT_HEADS).
-        group = _key_gradient_group(heads // sets)
-        group_keys = torch.empty(batch, sets, n, group * head_dim, dtype=torch.float32, device=keys.device)
-        group_values = torch.empty_like(group_keys)
-        for first_head in range(0, heads // sets, group):
-            group_keys.zero_()
-            group_values.zero_()
-            _bwd_keys_kernel[(memory_tiles + triton.cdiv(block, key_tile), rows, sets * group)](
-                *inputs, group_keys, group_values, grad_weights, *shape, memory_tiles, first_head, *scales,
-                GROUP=group, **ctx.settings, **tiles["keys"],
-            )
-            features_of_group = slice(first_head * head_dim, (first_head + group) * head_dim)
-            grad_keys[..., features_of_group] = group_keys
-            grad_values[..., features_of_group] = group_values
-        del group_keys, group_values  # before the queries' gradient is allocated: a lower peak
-        grad_q = torch.empty_like(q)
-        _bwd_queries_kernel[(triton.cdiv(queries, tiles["queries"]["BLOCK_M"]), rows, heads)](
-            *inputs, grad_q, *shape, *scales, **ctx.settings, **tiles["queries"],
-        )
-        return (
-            grad_q, grad_keys, grad_values, None, grad_weights.to(memory_weights.dtype), None, None, None, None,
-        )
+        return grad_q, grad_keys, grad_values, None, grad_weights, None, None, None, None
 
 
 def _key_gradient_group(heads_per_set: int) -> int:

@@ -8,8 +8,13 @@ and on every gradient (queries, keys, values, memory weights).
 
 from __future__ import annotations
 
+import importlib.util
+import operator
+
 import pytest
 import torch
+from functorch.compile import make_boxed_func
+from torch._functorch.aot_autograd import aot_module_simplified
 
 from colt5.causal_attention import CausalRoutedAttention
 from colt5.memory_attention import memory_attention, memory_attention_reference
@@ -182,6 +187,61 @@ def test_a_query_sees_nothing_later_or_outside_its_memory():
         keys[0, 0, token] += 1.0
         changed = memory_attention_triton(**{**args, "keys": keys}, **kwargs).view(3, 24, -1)
         assert (changed[row, slot] != base[row, slot]).any() == visible, token
+
+
+def test_compiled_callers_see_each_pass_as_one_operator():
+    """Under torch.compile the forward and the backward are one custom-operator call each and no kernel is traced
+    (so Inductor keeps no copies of the buffers the kernels write in place), and the compiled function's output and
+    gradients are the eager ones (float32, within 1e-6)."""
+    graphs = {}
+
+    def recording_backend(module, example_inputs):
+        def keep(kind):
+            def compiler(graph, _):
+                graphs[kind] = graph
+                return make_boxed_func(graph)
+
+            return compiler
+
+        return aot_module_simplified(
+            module, example_inputs, fw_compiler=keep("forward"), bw_compiler=keep("backward")
+        )
+
+    problem = random_problem()
+    grad_out = torch.randn(problem["q"].shape[0], problem["q"].shape[2], 4 * 16, dtype=torch.float64)
+    kernels = dict(dtype=torch.float32, grad_out=grad_out, multiply_keys=True, every_query=True)
+    eager, eager_grads = run(problem, memory_attention_triton, **kernels)
+    compiled_function = torch.compile(memory_attention_triton, backend=recording_backend, fullgraph=True)
+    compiled, compiled_grads = run(problem, compiled_function, **kernels)
+
+    ours = getattr(torch.ops, memory_attention_triton_module._NAMESPACE)
+    passes = (("forward", ours.memory_attention_forward), ("backward", ours.memory_attention_backward))
+    for kind, pass_operator in passes:
+        called = [node.target for node in graphs[kind].graph.nodes if node.op == "call_function"]
+        assert called.count(pass_operator.default) == 1, kind
+        # Everything else is an ATen operation (casts, views) or takes an output apart: no traced kernel launch.
+        others = {t for t in called if t not in (pass_operator.default, operator.getitem)}
+        assert all(getattr(t, "namespace", None) == "aten" for t in others), (kind, others)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_second_copy_of_the_module_registers_operators_of_its_own():
+    """A checkpoint's remote code is a second copy of this file, maybe of another version: loaded under another
+    module name, it registers its operators under that name (not over the package's), and both compute the same."""
+    spec = importlib.util.spec_from_file_location(
+        "checkpoint_copy.memory_attention_triton", memory_attention_triton_module.__file__
+    )
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy._NAMESPACE == "checkpoint_copy_memory_attention_triton"
+    assert memory_attention_triton_module._NAMESPACE == "colt5_memory_attention_triton"
+    problem = random_problem()
+    args = {k: v.float().to(DEVICE) if v.is_floating_point() else v.to(DEVICE) for k, v in problem.items()}
+    kwargs = dict(multiply_keys=True, every_query=True)
+    ours, theirs = memory_attention_triton(**args, **kwargs), copy.memory_attention_triton(**args, **kwargs)
+    torch.testing.assert_close(theirs, ours)
 
 
 def test_dispatch_keeps_cpu_tensors_on_the_reference():
