@@ -63,6 +63,7 @@ DELTA_QUERIES = 64  # queries per program of the delta kernel (a reduction over 
 # 512, beside the 0.54 GB of the half-precision gradients they are copied into, where all heads' float32 buffers
 # took 1.07 GB and their casts 0.54 more), at the cost of one launch per group (the programs are the same).
 KEY_GRADIENT_HEADS = 2
+LOG2_E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by sm_scale * log2(e)
 
 
 @triton.jit
@@ -366,7 +367,7 @@ def _forward(
     grid = (triton.cdiv(queries, tiles["forward"]["BLOCK_M"]), rows, heads)
     _fwd_kernel[grid](
         q, keys, values, memory_index, memory_weights, block_index, query_slot, out, lse,
-        rows // batch, n, slots, block, queries, head_dim**-0.5 * 1.4426950408889634,
+        rows // batch, n, slots, block, queries, head_dim**-0.5 * LOG2_E,
         **_settings(q, keys, multiply_keys, every_query), **tiles["forward"],
     )
     return out, lse
@@ -408,7 +409,7 @@ def _backward(
     grad_weights = torch.zeros(memory_weights.shape, dtype=torch.float32, device=memory_weights.device)
     shape = (rows // batch, n, slots, block, queries)
     sm_scale = head_dim**-0.5
-    scales = (sm_scale, sm_scale * 1.4426950408889634)
+    scales = (sm_scale, sm_scale * LOG2_E)
     key_tile = tiles["keys"]["BLOCK_N"]
     memory_tiles = triton.cdiv(slots, key_tile)
     inputs = (q, keys, values, memory_index, memory_weights, block_index, query_slot, grad_out, lse, delta)
