@@ -5,12 +5,12 @@
   tiles of keys within the window; compiled on GPUs (a flash-attention kernel that skips every other tile), eager
   elsewhere (tests). No dropout.
 - `sliding_window_attention`: one fused SDPA call over blocked windows (keys of neighbouring blocks copied next to
-  each block); supports dropout, needs no compiler.
+  each block); supports dropout, needs no compiler. The light branch on CPUs and with attention dropout.
 
 Both equal, at every valid query, `local_attention.LocalAttention(window_size=window, causal=causal,
 look_backward=1, look_forward=0 if causal else 1, exact_windowsize=True, autopad=True, use_rotary_pos_emb=False)`
-called as `attn(q, k, v, mask=valid)`, the reference the layers use on CPUs, without materialising the blocked
-similarity matrix.
+called as `attn(q, k, v, mask=valid)`, the reference they are tested against (the light branch of
+colt5-attention), without materialising the blocked similarity matrix.
 """
 
 from __future__ import annotations
