@@ -27,6 +27,22 @@ def colt5_design(**settings) -> dict:
     design = dict(branch_norms=False, learned_unrouted_output=False, multiply_keys_by_score=True)
     return {**design, **settings, "router_kwargs": router}
 
+def assert_compiled_step_equals_eager(compiled, compiled_model, eager_model, ids, gradient_error: float) -> None:
+    """One forward+backward of the language-model loss on `ids` through `compiled` (a compiled call of
+    `compiled_model`) and through `eager_model` (its copy): equal losses (1e-5 relative), and every parameter's
+    gradient within `gradient_error` relative L2 error of the eager one."""
+    losses = []
+    for forward in (compiled, eager_model):
+        loss = forward(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
+    for (name, expected), actual in zip(eager_model.named_parameters(), compiled_model.parameters()):
+        assert expected.grad is not None and actual.grad is not None, name
+        error = ((actual.grad - expected.grad).norm() / expected.grad.norm()).item()
+        assert error <= gradient_error, (name, error)
+
+
 TINY_CONFIG = dict(
     vocab_size=300,
     hidden_size=64,

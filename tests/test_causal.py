@@ -37,6 +37,7 @@ from colt5.causal_router import (
     prefix_standardised_scores,
     within_capacity,
 )
+from conftest import assert_compiled_step_equals_eager
 
 VOCAB = 384  # ByT5's vocabulary size: 3 special tokens, 256 bytes, 125 extra ids
 DIM = 64  # hidden_size of the conftest TINY_CONFIG
@@ -1381,13 +1382,4 @@ def test_inductor_on_the_cpu_gives_the_eager_loss_and_gradients(causal_config):
     for layer in compiled_model.model.layers:
         layer.compile(dynamic=False)
     ids = random_ids(2, 48)
-    losses = []
-    for model in (compiled_model, eager_model):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
-    for (name, expected), actual in zip(eager_model.named_parameters(), compiled_model.parameters()):
-        assert expected.grad is not None and actual.grad is not None, name
-        error = ((actual.grad - expected.grad).norm() / expected.grad.norm()).item()
-        assert error <= 1e-5, (name, error)
+    assert_compiled_step_equals_eager(compiled_model, compiled_model, eager_model, ids, gradient_error=1e-5)

@@ -23,7 +23,7 @@ from colt5 import (
     routed_attention,
 )
 from colt5.memory_attention import memory_attention_reference
-from conftest import colt5_design
+from conftest import assert_compiled_step_equals_eager, colt5_design
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention and its backward need a GPU")
 
@@ -192,15 +192,7 @@ def test_a_compiled_causal_training_step_equals_eager():
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
     ids = torch.randint(3, 384, (2, 512), device="cuda")
-    losses = []
-    for forward in (eager, compiled):
-        loss = forward(ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
-    for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled_model.parameters()):
-        error = (p_compiled.grad - p_eager.grad).norm() / p_eager.grad.norm()
-        assert error <= 1e-4, (name, error.item())
+    assert_compiled_step_equals_eager(compiled, compiled_model, eager, ids, gradient_error=1e-4)
 
 
 @gpu
