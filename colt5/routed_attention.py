@@ -300,7 +300,8 @@ class TwoBranchAttention(RoutedAttentionBase):
             # FlexAttention visits only the tiles of keys within the window, in one fused kernel.
             return flex_sliding_window_attention(q, k, v, mask, self.light_window_size, self.causal)
         # Also on CPUs, in place of the local-attention package: 1.8x faster there (forward+backward at the main
-        # job's sizes), and compiled by torch.compile (torch 2.13, CPU) local-attention gave wrong key gradients.
+        # job's sizes), and compiled by Inductor on the CPU (torch 2.13) local-attention's code aborted or gave
+        # wrong key gradients.
         valid = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device) if mask is None else mask.bool()
         return sliding_window_attention(q, k, v, valid, self.light_window_size, self.causal, dropout)
 
