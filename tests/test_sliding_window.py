@@ -1,5 +1,5 @@
 """Tests of `sliding_window_attention` and `flex_sliding_window_attention` against the local-attention package
-they replace on the light branch on GPUs."""
+they replace on the light branch (colt5-attention's light branch)."""
 
 import pytest
 import torch
