@@ -27,6 +27,7 @@ def colt5_design(**settings) -> dict:
     design = dict(branch_norms=False, learned_unrouted_output=False, multiply_keys_by_score=True)
     return {**design, **settings, "router_kwargs": router}
 
+
 def assert_compiled_step_equals_eager(compiled, compiled_model, eager_model, ids, gradient_error: float) -> None:
     """One forward+backward of the language-model loss on `ids` through `compiled` (a compiled call of
     `compiled_model`) and through `eager_model` (its copy): equal losses (1e-5 relative), and every parameter's
