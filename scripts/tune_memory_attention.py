@@ -62,6 +62,7 @@ DEVICE = "cuda"
 
 
 def setting(candidate: tuple[int, int, int, int]) -> dict[str, int]:
+    """A candidate as the keyword arguments of a kernel launch."""
     return dict(zip(SETTING_KEYS, candidate))
 
 
@@ -153,7 +154,8 @@ def sweep(inputs: dict, kernel: str, candidates: list[tuple]) -> list[dict]:
             continue
         finally:
             kernels.TILES = default
-        rows.append(dict(kernel=kernel, tiles=candidate, ms=ms, rel_err=error, default=setting(candidate) == default[kernel]))
+        is_default = setting(candidate) == default[kernel]
+        rows.append(dict(kernel=kernel, tiles=candidate, ms=ms, rel_err=error, default=is_default))
     return rows
 
 
@@ -232,7 +234,9 @@ def main() -> None:
         "--check-lengths", type=int, nargs="*", default=[],
         help="time the module's TILES and the fastest of the sweep (of each swept kernel) at these lengths",
     )
-    parser.add_argument("--compare", nargs="*", default=[], help="other memory_attention_triton.py files to time beside")
+    parser.add_argument(
+        "--compare", nargs="*", default=[], help="other memory_attention_triton.py files to time beside this tree's"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if not torch.cuda.is_available():

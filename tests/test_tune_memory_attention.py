@@ -19,4 +19,5 @@ def test_every_sweep_times_the_modules_own_tiles():
         for block_m, block_n, _, _ in candidates:
             for size in (block_m, block_n):
                 assert size >= 16 and size & (size - 1) == 0, (kernel, size)
-        assert tune_memory_attention.setting(tune_memory_attention.current(kernel)) == memory_attention_triton.TILES[kernel]
+        tiles = tune_memory_attention.setting(tune_memory_attention.current(kernel))
+        assert tiles == memory_attention_triton.TILES[kernel], kernel
