@@ -53,7 +53,7 @@ def _tiles() -> dict[str, dict[str, int]]:
 # Chosen on an H200 (bf16, the benchmark's 32k-token layer: 8 heads of 64, memory 4096, blocks of 1024) from a sweep
 # of tile sizes, warps and pipeline stages; forward 2.65 ms against 4.34 ms for 128 x 64 tiles on 8 warps. On an H100
 # (scripts/tune_memory_attention.py, the layer's 32k inputs with memory 2048) no other of 12 forward settings was
-# more than 0.6% faster, the next best 128 x 64 tiles 13% slower.
+# more than 0.6% faster, and the fastest with other tile sizes (128 x 64) was 13% slower.
 TILES = dict(
     forward=dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3),
     keys=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
